@@ -42,7 +42,9 @@ class ModelConfig:
     image_size: side of the square model input in pixels (tiles of larger frames have this size).
     dim: token features d; heads: h, so head_dim = dim / heads; phi: kept energy fraction, None for
     NRR; rank_method: a `sdrm.lowrank` method name used at inference; pool: "mean" or "meanmax"
-    (mean and max over tokens, concatenated: a defect that covers a few tokens survives the max).
+    (mean and max over tokens, concatenated: a defect that covers a few tokens survives the max);
+    token_norm: LayerNorm on X before factorisation (False lets a token's norm, and so its share
+    of the energy that phi keeps, carry information); stem_depth: 3x3 convolutions per stem stage.
     """
 
     image_size: int = 128
@@ -57,7 +59,9 @@ class ModelConfig:
     rank_method: str = "auto"
     min_rank: int = 1
     dropout: float = 0.0
-    pool: str = "mean"
+    pool: str = "meanmax"
+    token_norm: bool = False
+    stem_depth: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +94,8 @@ class ConvStem(nn.Module):
         channels = config.in_channels
         for width in config.stem_channels:
             layers += [nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.GELU()]
+            for _ in range(config.stem_depth - 1):
+                layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.GELU()]
             channels = width
         layers.append(nn.Conv2d(channels, config.dim, 3, 2, 1))
         self.layers = nn.Sequential(*layers)
@@ -143,7 +149,7 @@ class SDRMClassifier(nn.Module):
 
         self.stem = ConvStem(config)
         self.position = nn.Parameter(torch.zeros(1, config.tokens, config.dim))
-        self.token_norm = nn.LayerNorm(config.dim)
+        self.token_norm = nn.LayerNorm(config.dim) if config.token_norm else nn.Identity()
 
         # Per-head projections (h, d_h, d_h): head i reads only its own feature slice.
         bound = 1.0 / math.sqrt(head_dim)

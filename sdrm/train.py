@@ -25,6 +25,8 @@ from sdrm.metrics import best_threshold, binary_metrics
 from sdrm.model import ModelConfig, SDRMClassifier
 
 DEFAULT_IMAGE_SIZE = {"deeppcb": 128, "elpv": 192}
+# DeepPCB boards are cut into crop-size tiles like the training crops; an ELPV cell is one image.
+FRAME_MODE = {"deeppcb": "tile", "elpv": "resize"}
 
 
 @dataclass
@@ -34,13 +36,13 @@ class TrainConfig:
     arch: str = "sdrm"
     phi: float | None = 0.9
     image_size: int | None = None
-    epochs: int = 60
+    epochs: int = 90
     batch_size: int = 64
     group_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 2
-    patience: int = 12
+    patience: int = 25
     max_minutes: float = 18.0
     seed: int = 0
     threads: int | None = None
@@ -178,6 +180,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig, progress: bool = T
         "class_names": list(CLASSES),
         "threshold": threshold,
         "input_size": image_size,
+        "frame_mode": FRAME_MODE[dataset],
+        "tile_stride": image_size // 2,
         "normalization": {"mean": mean, "std": std},
         "dataset": dataset,
         "data_summary": {
