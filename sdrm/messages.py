@@ -175,6 +175,36 @@ class Verdict(_Message):
         return self
 
 
+class FrameInfo(_Message):
+    """Announcement of one frame from the compressor to the aggregator, sent before its blocks.
+
+    The aggregator learns about every frame from this message, so it can give each frame exactly
+    one verdict even when some or all of its partials are lost. `heads` maps each head id to the
+    device that received its block; heads missing from it had no device. `boxes` lists each tile's
+    (x, y, w, h) in frame pixels, in the order of the model's batch. `error` is set, and `boxes`
+    and `heads` are empty, when the frame could not be decoded or processed.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    line: str = Field(min_length=1)
+    camera: str = Field(min_length=1)
+    frame: int = Field(ge=0)
+    capture_ms: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    width: int = Field(ge=0)
+    height: int = Field(ge=0)
+    boxes: list[tuple[int, int, int, int]] = Field(default_factory=list)
+    heads: dict[int, str] = Field(default_factory=dict)  # head id -> device id
+    head_count: int = Field(ge=0)  # heads of the model; a verdict needs all of them
+    ranks: dict[int, int] = Field(default_factory=dict)  # head id -> rank
+    phi: float | None = Field(default=None, gt=0.0, le=1.0)
+    latency_ms: dict[str, float] = Field(default_factory=dict)  # stage name -> milliseconds
+    sent_ms: int = Field(ge=0)  # epoch ms when the compressor published the blocks
+    compressor: str = ""
+    error: str | None = None
+
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 

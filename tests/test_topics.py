@@ -40,6 +40,7 @@ def test_default_path_is_repo_file():
 def test_topics_expected_names(topics):
     assert set(topics) == {
         "frame",
+        "frame_info",
         "camera_status",
         "blocks",
         "partials",

@@ -1,0 +1,77 @@
+"""Helpers shared by the service commands: model loading, signal handling and the main entry."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from services.config import configure_logging, resolve
+
+log = structlog.get_logger("sdrm.service")
+
+
+class Service(Protocol):
+    def run(self) -> int: ...
+
+
+class StartupError(RuntimeError):
+    """Raised when a service cannot start (missing model, invalid option); main exits with status 2."""
+
+
+def load_model(directory: Path):
+    """Return (model, manifest) of an SDRM checkpoint, or raise StartupError that names the fix."""
+    from sdrm.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(Path(directory))
+    except FileNotFoundError as error:
+        raise StartupError(f"cannot load model from {directory}: {error}; pass --model DIR or set SDRM_MODEL") from None
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise StartupError(f"cannot load model from {directory}: {error}") from None
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's intra-op CPU threads when threads > 0 (0 keeps torch's default)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """Set stop on SIGINT and SIGTERM (only possible from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum, frame) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def run_main(
+    name: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    factory: Callable[[argparse.Namespace, threading.Event], Service],
+    argv: list[str] | None,
+) -> int:
+    """Resolve the configuration, configure logging, build the service and run it until stopped."""
+    parser = build_parser()
+    config = resolve(parser, argv, name)
+    configure_logging(config.log_level, config.log_json)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    try:
+        service = factory(config, stop)
+    except (StartupError, ValueError) as error:
+        log.error("start_failed", service=name, error=str(error))
+        parser.exit(2, f"sdrm {name}: {error}\n")
+    return service.run()
