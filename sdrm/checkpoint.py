@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdrm.baseline import PlainCNN
 from sdrm.model import ModelConfig, SDRMClassifier
 
 WEIGHTS = "model.safetensors"
@@ -45,15 +46,22 @@ def load_manifest(directory: Path) -> dict:
     return manifest
 
 
-def load_checkpoint(directory: Path, map_location: str = "cpu") -> tuple[SDRMClassifier, dict]:
-    """Return the SDRM classifier (in eval mode) and its manifest from a checkpoint directory."""
+def load_checkpoint(directory: Path, map_location: str = "cpu", require_sdrm: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Return the model (in eval mode) and its manifest from a checkpoint directory.
+
+    With require_sdrm False a plain CNN baseline checkpoint loads too; the line's services need
+    the SDRM classifier and raise ValueError for any other kind.
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
     architecture = manifest["architecture"]
-    if architecture.get("kind", "sdrm") != "sdrm":
-        raise ValueError(f"{directory} holds a {architecture['kind']!r} model, not an SDRM classifier")
-    config = ModelConfig.from_dict({k: v for k, v in architecture.items() if k != "kind"})
-    model = SDRMClassifier(config)
+    kind = architecture.get("kind", "sdrm")
+    if kind == "cnn" and not require_sdrm:
+        model: torch.nn.Module = PlainCNN(image_size=int(architecture["image_size"]))
+    elif kind == "sdrm":
+        model = SDRMClassifier(ModelConfig.from_dict({k: v for k, v in architecture.items() if k != "kind"}))
+    else:
+        raise ValueError(f"{directory} holds a {kind!r} model, not an SDRM classifier")
     state = load_file(str(directory / WEIGHTS), device=map_location)
     model.load_state_dict(state)
     return model.eval(), manifest

@@ -125,13 +125,21 @@ def class_weights(labels: torch.Tensor, classes: int = 2) -> torch.Tensor:
     return weights
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip, turn by multiples of 90 degrees and change brightness and contrast slightly.
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 12) -> torch.Tensor:
+    """Shift, flip, turn by multiples of 90 degrees and change brightness and contrast slightly.
 
     images: float (n, C, H, W) in [0, 1]. The changes suit inspection images, whose defects have no
-    preferred orientation; contrast varies by +-10 % and brightness by +-0.05.
+    preferred orientation or position: each image moves by up to max_shift pixels per axis (edges
+    mirrored), contrast varies by +-10 % and brightness by +-0.05.
     """
     count = images.shape[0]
+    if max_shift > 0:
+        height, width = images.shape[-2:]
+        padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="reflect")
+        offsets = torch.randint(0, 2 * max_shift + 1, (count, 2), generator=generator)
+        images = torch.stack(
+            [padded[i, :, int(dy) : int(dy) + height, int(dx) : int(dx) + width] for i, (dy, dx) in enumerate(offsets)]
+        )
     flips = torch.rand(count, generator=generator) < 0.5
     images = torch.where(flips[:, None, None, None], images.flip(-1), images)
     turns = torch.randint(0, 4, (count,), generator=generator)

@@ -18,8 +18,8 @@ from sdrm.train import predict_scores
 
 def evaluate_split(model_dir: Path, data_dir: Path, split: str = "test", phi: float | None = ...) -> dict:  # type: ignore[assignment]
     """Return the metrics of the model on one split, every image factorised alone (one frame each)."""
-    model, manifest = load_checkpoint(model_dir)
-    if phi is not ...:
+    model, manifest = load_checkpoint(model_dir, require_sdrm=False)
+    if phi is not ... and hasattr(model, "config"):
         model.config = type(model.config)(**{**model.config.to_dict(), "phi": phi})
     samples = [s for s in load_samples(data_dir) if s.split == split]
     if not samples:
@@ -29,7 +29,8 @@ def evaluate_split(model_dir: Path, data_dir: Path, split: str = "test", phi: fl
     scores = predict_scores(model, images, stats["mean"], stats["std"])
     metrics = binary_metrics(labels.numpy(), scores, float(manifest["threshold"]))
     metrics["split"] = split
-    metrics["phi"] = model.config.phi
+    metrics["phi"] = model.config.phi if hasattr(model, "config") else None
+    metrics["architecture"] = manifest["architecture"].get("kind", "sdrm")
     return metrics
 
 
