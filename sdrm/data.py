@@ -95,7 +95,12 @@ def _elpv(root: Path) -> list[Sample]:
     for row in csv.DictReader((root / "labels.csv").open(newline="")):
         number = int(re.search(r"(\d+)", Path(row["file"]).stem).group(1))
         block = (number - 1) // ELPV_BLOCK
-        split = "test" if block % 5 == 2 else "val" if block % 5 == 4 else "train"
+        if block % 5 == 2:
+            split = "test"
+        elif block % 5 == 4:
+            split = "val"
+        else:
+            split = "train"
         samples.append(Sample(root / row["file"], CLASSES.index(row["label"]), split, f"block{block}"))
     return samples
 

@@ -1,8 +1,8 @@
 """From a camera frame to a defect verdict: tiling, normalisation and the frame decision.
 
-A frame larger than the model input is cut into tiles of `input_size` pixels at `tile_stride`
-(tiles overlap when the stride is smaller than the tile; the last row and column of tiles are
-aligned to the frame's edge so that every pixel is covered). The b tiles form the batch of
+A frame larger than the model input is cut into tiles of `input_size` pixels at `tile_stride`.
+Tiles overlap when the stride is smaller than the tile, and the last row and column of tiles are
+aligned to the frame's edge so that every pixel is covered. The b tiles form the batch of
 X (b, t, d) and are factorised together. A frame is a defect when any tile's defect probability
 reaches the threshold; its score is the largest tile probability.
 """

@@ -1,18 +1,19 @@
 """The SDRM classifier: a small conv stem, one rank-reduced attention block, local blocks, a head.
 
-    image (b, 1, H, W) -> conv stem -> + position -> LayerNorm -> X (b, t, d)
+    image (b, 1, H, W) -> conv stem -> + position [-> LayerNorm] -> X (b, t, d)
       -> per head i: factor block of Y_i (b*t, d_h) keeping phi of its energy      [compressor]
       -> per head i: Z_i = attention(Q_i, K_i, V_i) from the factors               [device]
-      -> X_hat + concat(Z_i) W^O -> + MLP -> local encoder blocks -> mean pool
+      -> X_hat + concat(Z_i) W^O -> + MLP -> local encoder blocks -> mean and max pool
          -> logits (b, 2)                                                           [aggregator]
 
 X_hat, the rank-reduced tokens U S V^T, is the residual stream, so the aggregator rebuilds it from
 the factor blocks that come back with the partials and never needs X itself. With phi None (NRR
 mode) the factor blocks are dense and the network is a plain ViT-style block.
 
-The stem is four stride-2 3x3 convolutions instead of one 16x16 patch projection: on PCB and EL
-images the defects are a few pixels wide, and a conv stem keeps such edges in the tokens at little
-cost (Xiao et al., "Early Convolutions Help Transformers See Better", 2021).
+The stem is a small stack of 3x3 convolutions (each stage one stride-2 conv and stem_depth - 1
+stride-1 convs, then a last stride-2 conv to d features) instead of one 16x16 patch projection.
+On PCB and EL images the defects are a few pixels wide, and convolutions keep such edges in the
+tokens at little cost.
 
 The b images of one frame (the tiles of a board, or one crop) are factorised together: the rank of
 head i comes from the energy of all b*t tokens. Training groups `group_size` images the same way.
@@ -43,8 +44,9 @@ class ModelConfig:
     dim: token features d; heads: h, so head_dim = dim / heads; phi: kept energy fraction, None for
     NRR; rank_method: a `sdrm.lowrank` method name used at inference; pool: "mean" or "meanmax"
     (mean and max over tokens, concatenated: a defect that covers a few tokens survives the max);
-    token_norm: LayerNorm on X before factorisation (False lets a token's norm, and so its share
-    of the energy that phi keeps, carry information); stem_depth: 3x3 convolutions per stem stage.
+    token_norm: LayerNorm on X before factorisation. It is off by default, because a LayerNorm
+    gives every token the same energy and phi then tends to drop a defect that covers one token.
+    stem_depth: 3x3 convolutions per stem stage.
     """
 
     image_size: int = 128
@@ -282,7 +284,7 @@ class SDRMClassifier(nn.Module):
 def _kept_basis(slices: torch.Tensor, phi: float, min_rank: int) -> torch.Tensor:
     """Return V_r for every slice (..., m, d_h), with the columns past each rank set to zero.
 
-    V comes from the eigendecomposition of the Gram matrix Y^T Y (d_h x d_h); the zeroed columns
+    V comes from the eigendecomposition of the Gram matrix Y^T Y (d_h x d_h). The zeroed columns
     make Y V V^T the projection onto each slice's own top-r right singular subspace.
     """
     gram = slices.transpose(-2, -1) @ slices
