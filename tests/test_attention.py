@@ -98,3 +98,4 @@ def test_factorize_heads_ranks_per_head():
     blocks, _ = factorize_heads(torch.cat([low, high], dim=-1), 2, phi=0.9, method="exact")
     assert blocks[0].rank == 1
     assert blocks[1].rank > 1
+
