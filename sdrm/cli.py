@@ -53,12 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--phi", type=float, default=0.9, help="kept energy fraction in (0, 1] (default 0.9)")
     train.add_argument("--nrr", action="store_true", help="no rank reduction (dense heads)")
     train.add_argument("--image-size", type=int, default=None, help="model input side in pixels (default: 128 DeepPCB, 192 ELPV)")
-    train.add_argument("--epochs", type=int, default=90, help="maximum epochs (default 90)")
+    train.add_argument("--epochs", type=int, default=45, help="maximum epochs (default 45)")
     train.add_argument("--patience", type=int, default=25, help="epochs without validation gain before stopping (default 25)")
     train.add_argument("--max-minutes", type=float, default=18.0, help="wall-clock budget in minutes (default 18)")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--group-size", type=int, default=8, help="images factorised together, the SVD batch (default 8)")
     train.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    train.add_argument("--max-shift", type=int, default=0, help="random shift in augmentation, pixels per axis (default 0)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,6 +97,7 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
+        max_shift=args.max_shift,
     )
     manifest = train(args.data, args.out, config, progress=not args.quiet)
     val = manifest["metrics"]["val"]

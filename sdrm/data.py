@@ -130,7 +130,7 @@ def class_weights(labels: torch.Tensor, classes: int = 2) -> torch.Tensor:
     return weights
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 12) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 0) -> torch.Tensor:
     """Shift, flip, turn by multiples of 90 degrees and change brightness and contrast slightly.
 
     images: float (n, C, H, W) in [0, 1]. The changes suit inspection images, whose defects have no

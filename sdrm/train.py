@@ -36,13 +36,14 @@ class TrainConfig:
     arch: str = "sdrm"
     phi: float | None = 0.9
     image_size: int | None = None
-    epochs: int = 90
+    epochs: int = 45
     batch_size: int = 64
     group_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 2
     patience: int = 25
+    max_shift: int = 0
     max_minutes: float = 18.0
     seed: int = 0
     threads: int | None = None
@@ -128,7 +129,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig, progress: bool = T
             if usable == 0:
                 continue
             index = index[:usable]
-            images = augment(train_images[index].float() / 255.0, generator)
+            images = augment(train_images[index].float() / 255.0, generator, max_shift=config.max_shift)
             logits = forward(model, (images - mean) / std, config.group_size)
             loss = F.cross_entropy(logits, train_labels[index], weight=weights)
 
@@ -196,6 +197,9 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig, progress: bool = T
             "best_epoch": best["epoch"],
             "minutes": (time.monotonic() - started) / 60,
             "group_size": config.group_size,
+            "max_shift": config.max_shift,
+            "epochs": config.epochs,
+            "patience": config.patience,
             "batch_size": config.batch_size,
             "lr": config.lr,
             "class_weights": weights.tolist(),
