@@ -324,13 +324,13 @@ def _energy(settings: BenchSettings, boards, loaded: bench_data.LoadedModel) -> 
         flops = {
             "rr": cost.rank_reduction_flops(batch, count, features, heads, ranks, method=config.rank_method),
             "mha": sum(cost.attention_flops(batch, count, head_dim, rank) for rank in ranks),
-            "val": cost.rest_flops(batch, count, features, heads, ranks, config.mlp_ratio, config.local_blocks, config.num_classes),
+            "val": cost.rest_flops(batch, count, features, heads, ranks, config.mlp_ratio, config.local_blocks, config.num_classes, config.pool),
         }
         rows.append({"phi": phi, "ranks": ranks, "iterations": iterations, "energy": terms, "flops": flops})
     nrr_flops = {
         "rr": 0,
         "mha": heads * cost.attention_flops(batch, count, head_dim, None),
-        "val": cost.rest_flops(batch, count, features, heads, None, config.mlp_ratio, config.local_blocks, config.num_classes),
+        "val": cost.rest_flops(batch, count, features, heads, None, config.mlp_ratio, config.local_blocks, config.num_classes, config.pool),
     }
     return {
         "status": "done",

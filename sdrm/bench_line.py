@@ -26,6 +26,7 @@ from sdrm.bench_report import make_target
 from sdrm.bench_timing import format_ms
 
 OUTPUT_TAIL_CHARS = 1500
+PACED_LOAD = 0.7
 # Verdict latency stages in the order a frame passes them. "other" is the total less the named
 # stages: ingest, queues and MQTT hops that no stage covers.
 PIPELINE_STAGES = ("compressor_queue", "decode", "embed", "factorize", "transfer", "device_queue", "attention", "aggregate", "other")
@@ -66,13 +67,34 @@ def run(settings, boards: bench_data.ImageSet, loaded: bench_data.LoadedModel, p
                     broker.stop()
                 progress(f"line {mode} devices={devices}")
 
+        # Frames published as fast as the folder reads them queue up, so the runs above measure
+        # throughput but not latency. A second SDRM run paced at 70 % of the best throughput
+        # measures the latency that a line running below capacity sees.
+        saturated = [run for run in runs if run["mode"] == "sdrm" and run["status"] == "done" and run.get("throughput_fps")]
+        if saturated:
+            best = max(saturated, key=lambda run: run["throughput_fps"])
+            fps = round(max(0.5, PACED_LOAD * best["throughput_fps"]), 2)
+            summary_path = Path(scratch) / "summary-paced.json"
+            try:
+                broker = LocalBroker(prefer="mosquitto").start()
+                try:
+                    paced = _run_line(settings, boards, model_dir, broker, best["devices"], "sdrm", summary_path, fps=fps)
+                finally:
+                    broker.stop()
+                runs.append({**paced, "mode": "sdrm-paced", "fps": fps})
+            except BrokerError as error:
+                runs.append({"devices": best["devices"], "mode": "sdrm-paced", "status": "failed", "reason": str(error)})
+            progress(f"line sdrm paced at {fps} frames/s")
+
     done = [run for run in runs if run["status"] == "done"]
     if not done:
         return {"status": "failed", "reason": "no line run produced a summary", "runs": runs}
     return {"status": "done", "runs": runs, "targets": _targets(runs)}
 
 
-def _run_line(settings, boards, model_dir: Path, broker, devices: int, mode: str, summary_path: Path) -> dict:
+def _run_line(
+    settings, boards, model_dir: Path, broker, devices: int, mode: str, summary_path: Path, fps: float | None = None
+) -> dict:
     command = [
         sys.executable, "-m", "sdrm.cli", "line",
         "--broker", broker.url,
@@ -88,6 +110,8 @@ def _run_line(settings, boards, model_dir: Path, broker, devices: int, mode: str
         command += ["--max-frames", str(settings.line_frames)]
     if mode == "nrr":
         command.append("--nrr")
+    if fps is not None:
+        command += ["--fps", str(fps)]
 
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench_data.REPOSITORY), environment.get("PYTHONPATH")]))
@@ -176,9 +200,15 @@ def _targets(runs: list[dict]) -> list[dict]:
     detail = f"stage means (ms): {stages}"
     targets.append(make_target("line", f"throughput, SDRM, {where}", ">= 25 boards/s", 25.0, best["throughput_fps"], "fps", detail))
 
-    p99 = best.get("latency_p99_ms")
+    paced = next((run for run in runs if run["mode"] == "sdrm-paced" and run["status"] == "done"), None)
+    latency_run = paced or best
+    p99 = latency_run.get("latency_p99_ms")
     if p99 is not None:
-        detail = f"p50 {format_ms(best['latency_p50_ms'])} ms, p95 {format_ms(best['latency_p95_ms'])} ms"
+        detail = f"p50 {format_ms(latency_run['latency_p50_ms'])} ms, p95 {format_ms(latency_run['latency_p95_ms'])} ms"
+        if paced is not None:
+            detail += f"; frames paced at {paced['fps']} frames/s ({PACED_LOAD:.0%} of the best throughput)"
+        else:
+            detail += "; frames published as fast as read, so this includes queueing"
         name = f"verdict latency p99, SDRM, {where}"
         targets.append(make_target("line", name, "<= 150 ms", 150.0, p99, "ms", detail, lower_is_better=True))
     return targets

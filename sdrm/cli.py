@@ -35,22 +35,39 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        # User errors (a wrong path, a dataset without labels.csv) need the message, not a traceback.
+        print(f"sdrm {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def energy_fraction(text: str) -> float:
+    """Parse a kept energy fraction phi in (0, 1] for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; phi is a fraction in (0, 1], e.g. 0.9") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]; phi is the fraction of energy kept, e.g. 0.9")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdrm",
+        usage="sdrm {line,ingest,compressor,device,aggregator,scheduler,topics,train,eval,bench} ...",
         description="SDRM Line: visual defect inspection with rank-reduced, distributed attention.",
         epilog="Service commands: " + ", ".join(SERVICES) + " (run `sdrm <command> --help`).",
     )
-    commands = parser.add_subparsers(title="commands")
+    commands = parser.add_subparsers(title="commands", prog="sdrm")
 
     train = commands.add_parser("train", help="train a classifier on a dataset folder")
     train.add_argument("--data", type=Path, required=True, help="dataset folder with labels.csv (DeepPCB crops or ELPV)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     train.add_argument("--arch", choices=["sdrm", "cnn"], default="sdrm", help="model: SDRM classifier or plain CNN baseline")
-    train.add_argument("--phi", type=float, default=0.9, help="kept energy fraction in (0, 1] (default 0.9)")
+    train.add_argument("--phi", type=energy_fraction, default=0.9, help="kept energy fraction in (0, 1] (default 0.9)")
     train.add_argument("--nrr", action="store_true", help="no rank reduction (dense heads)")
     train.add_argument("--image-size", type=int, default=None, help="model input side in pixels (default: 128 DeepPCB, 192 ELPV)")
     train.add_argument("--epochs", type=int, default=45, help="maximum epochs (default 45)")
@@ -69,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     evaluate.add_argument("--data", type=Path, required=True, help="dataset folder with labels.csv")
     evaluate.add_argument("--split", default="test", help="split to evaluate (default test)")
-    evaluate.add_argument("--phi", type=float, default=None, help="override the kept energy fraction at inference")
+    evaluate.add_argument("--phi", type=energy_fraction, default=None, help="override the kept energy fraction at inference")
     evaluate.add_argument("--boards", type=Path, default=None, help="also evaluate whole boards in this folder (annotations.json)")
     evaluate.add_argument("--json", type=Path, default=None, help="write all metrics to this JSON file")
     evaluate.set_defaults(handler=_eval)

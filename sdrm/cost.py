@@ -148,6 +148,7 @@ def rest_flops(
     mlp_ratio: float = 2.0,
     local_blocks: int = 1,
     num_classes: int = 2,
+    pool: str = "meanmax",
 ) -> int:
     """Return the FLOPs of the aggregator part of `SDRMClassifier` for one frame.
 
@@ -157,7 +158,8 @@ def rest_flops(
     - MLP: 2 m d hidden twice, so 4 m d hidden;
     - each local encoder block: QKV 6 m d^2, attention 4 b t^2 d, output projection 2 m d^2, MLP
       4 m d hidden;
-    - classifier on the pooled tokens: 2 b d num_classes.
+    - classifier on the pooled tokens: 2 b p d num_classes, with p = 2 for "meanmax" pooling
+      (mean and max concatenated) and 1 for "mean".
 
     rank: one rank for every head, one per head, or None for dense blocks. Raises ValueError for
     invalid sizes or ranks.
@@ -183,7 +185,10 @@ def rest_flops(
         + 2 * rows * features * features
         + 4 * rows * features * hidden
     )
-    classifier = 2 * batch * features * num_classes
+    if pool not in ("mean", "meanmax"):
+        raise ValueError(f"pool must be 'mean' or 'meanmax', got {pool!r}")
+    pooled = 2 if pool == "meanmax" else 1
+    classifier = 2 * batch * pooled * features * num_classes
     return reconstruct + projection + mlp + local_blocks * local + classifier
 
 

@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--simulated-load",
         type=cfg.fraction,
         default=None,
-        help="report at least this busy ratio in (0, 1] while blocks arrive, without slowing down (tests and demos)",
+        help="report at least this busy ratio in (0, 1] while blocks arrive, without slowing down, for tests and demos (default: off)",
     )
 
-    parser.add_argument("--queue-size", type=cfg.positive_int, default=8, help="BLOCKS messages waiting (default 8)")
+    parser.add_argument("--queue-size", type=cfg.positive_int, default=8, help="maximum BLOCKS messages waiting for compute; when full the oldest is dropped and counted (default 8)")
     parser.add_argument(
         "--wire-dtype", choices=["float16", "float32"], default="float32", help="array type of the partials (default float32)"
     )

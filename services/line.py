@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frames", type=int, default=0, help="stop the source after this many frames (default 0: no limit)")
 
     parser.add_argument("--deadline-ms", type=cfg.positive_int, default=2000, help="aggregator deadline per frame in milliseconds (default 2000)")
-    parser.add_argument("--threshold", type=cfg.fraction, default=0.8, help="scheduler load threshold in (0, 1] (default 0.8)")
+    parser.add_argument("--threshold", type=cfg.fraction, default=0.8, help="scheduler load threshold T in (0, 1]: a device whose busy ratio stays above it loses its heads (default 0.8); the defect threshold comes from the model")
     parser.add_argument("--no-shared", action="store_true", help="subscribe without $share (for brokers without shared subscriptions)")
 
     parser.add_argument("--summary-json", type=Path, default=None, help="write the summary and every verdict to this JSON file")
@@ -213,17 +213,21 @@ class Line:
             self.verdict_ms[key] = incoming.received_ms
             complete = self.source_done.is_set() and all((self.config.camera, f) in self.verdicts for f in self.sent)
         if not self.config.quiet:
-            print(self._verdict_line(verdict), flush=True)
+            with self._lock:
+                name = self.sent.get(verdict.frame, "")
+            print(self._verdict_line(verdict, name), flush=True)
         if complete:
             self.all_in.set()
 
     @staticmethod
-    def _verdict_line(verdict: messages.Verdict) -> str:
+    def _verdict_line(verdict: messages.Verdict, name: str = "") -> str:
         latency = verdict.latency_ms.get("total")
         text = (
             f"{verdict.camera} frame {verdict.frame}: {verdict.label:<6} score {verdict.score:.4f} "
             f"flagged {len(verdict.tiles):>2} tiles  latency {latency:.0f} ms  {verdict.status}"
         )
+        if name:
+            text += f"  {name}"
         if verdict.missing_heads:
             text += f" (missing heads {verdict.missing_heads})"
         if verdict.error:
@@ -256,6 +260,10 @@ class Line:
 
         started = time.monotonic()
         config = self.config
+        problem = source_problem(str(config.source))
+        if problem:
+            print(f"sdrm line: error: {problem}", file=sys.stderr)
+            return 2
         shared = not config.no_shared
         broker_url = config.broker
         if broker_url is None:
@@ -455,6 +463,20 @@ class Line:
             self.config.summary_json.parent.mkdir(parents=True, exist_ok=True)
             self.config.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
             print(f"  wrote {self.config.summary_json}", flush=True)
+
+
+def source_problem(source: str) -> str | None:
+    """Return why a --source cannot work before anything starts, or None when it may work.
+
+    A camera index or a URL can only be tried by opening it, so only file and folder paths are
+    checked here.
+    """
+    if source.isdigit() or "://" in source:
+        return None
+    path = Path(source)
+    if not path.exists():
+        return f"--source {source} not found: give an image folder, a video file, a stream URL or a camera index"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

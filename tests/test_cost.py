@@ -191,7 +191,9 @@ def test_rest_flops_match_model(small_model, phi):
     counted = counted_flops(small_model.aggregate, blocks, partials)
 
     ranks = None if phi is None else [block.rank for block in blocks]
-    expected = cost.rest_flops(2, SMALL.tokens, SMALL.dim, SMALL.heads, ranks, SMALL.mlp_ratio, SMALL.local_blocks)
+    expected = cost.rest_flops(
+        2, SMALL.tokens, SMALL.dim, SMALL.heads, ranks, SMALL.mlp_ratio, SMALL.local_blocks, pool=SMALL.pool
+    )
     assert counted == expected
 
 
@@ -204,9 +206,10 @@ def test_rest_flops_hand_computed():
     classifier = 2 * 1 * 8 * 2
     expected = reconstruct + projection + mlp + local + classifier
 
-    assert cost.rest_flops(1, 4, 8, 2, rank=1) == expected
-    assert cost.rest_flops(1, 4, 8, 2, rank=None) == expected - reconstruct
-    assert cost.rest_flops(1, 4, 8, 2, rank=1, local_blocks=0) == expected - local
+    assert cost.rest_flops(1, 4, 8, 2, rank=1, pool="mean") == expected
+    assert cost.rest_flops(1, 4, 8, 2, rank=1, pool="meanmax") == expected + classifier
+    assert cost.rest_flops(1, 4, 8, 2, rank=None, pool="mean") == expected - reconstruct
+    assert cost.rest_flops(1, 4, 8, 2, rank=1, local_blocks=0, pool="mean") == expected - local
 
 
 def test_rank_reduction_flops_hand_computed():
