@@ -60,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-shared", action="store_true", help="subscribe without $share (for brokers without shared subscriptions)"
     )
-    parser.add_argument("--queue-size", type=cfg.positive_int, default=16, help="frames waiting to be processed (default 16)")
+    # Live cameras already drop their oldest frame at the ingest side, so this bound only protects
+    # memory. It must hold a folder or video replay that is published faster than frames are
+    # compressed, because those sources must lose nothing.
+    parser.add_argument(
+        "--queue-size",
+        type=cfg.positive_int,
+        default=512,
+        help="maximum frames waiting to be compressed; when full the oldest gets an error verdict (default 512)",
+    )
     parser.add_argument(
         "--assignment-wait-ms",
         type=cfg.positive_int,
