@@ -127,7 +127,7 @@ def test_bench_line_section_runs(tmp_path):
     assert line["status"] in ("done", "skipped"), line
     if line["status"] == "done":
         modes = {(run["mode"], run["devices"]) for run in line["runs"]}
-        assert modes == {("sdrm", 1), ("nrr", 1)}
+        assert modes == {("sdrm", 1), ("nrr", 1), ("sdrm-paced", 1)}
         assert all(run["status"] == "done" for run in line["runs"]), line["runs"]
         assert (tmp_path / "line.png").is_file()
 
