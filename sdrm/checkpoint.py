@@ -61,7 +61,7 @@ def load_checkpoint(directory: Path, map_location: str = "cpu", require_sdrm: bo
     elif kind == "sdrm":
         model = SDRMClassifier(ModelConfig.from_dict({k: v for k, v in architecture.items() if k != "kind"}))
     else:
-        raise ValueError(f"{directory} holds a {kind!r} model, not an SDRM classifier")
+        raise ValueError(f"{directory} contains a {kind!r} model, not an SDRM classifier; the line needs a checkpoint from `sdrm train --arch sdrm`")
     state = load_file(str(directory / WEIGHTS), device=map_location)
     model.load_state_dict(state)
     return model.eval(), manifest

@@ -59,8 +59,9 @@ def tile_origins(width: int, height: int, tile: int, stride: int) -> list[tuple[
 def frame_to_tiles(gray: np.ndarray, manifest: dict) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
     """Return normalised model inputs (b, 1, s, s) and each input's (x, y, w, h) in the frame.
 
-    gray: uint8 (H, W). `frame_mode` "resize" maps the whole frame onto one input; "tile" (the
-    default) cuts tiles of input_size at tile_stride, and a frame smaller than one tile is resized.
+    gray: uint8 (H, W). `frame_mode` "resize" maps the whole frame onto one input. "tile" (the
+    default) cuts tiles of input_size at tile_stride, and a frame smaller than one tile is resized
+    to one input.
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"frame must be a uint8 grayscale array (H, W), got {gray.dtype} {gray.shape}")

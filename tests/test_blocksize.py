@@ -10,7 +10,8 @@ def test_trace_halves_then_recovers():
     trace = [5.0] * 2 + [14.0] * 6 + [7.0] * 10 + [2.0] * 9
     sizes = [controller.update(ms) for ms in trace]
     assert sizes[:2] == [128, 128]
-    assert 64 in sizes and 32 in sizes
+    assert 64 in sizes
+    assert 32 in sizes
     assert min(sizes) == 32
     # 7 ms is inside the band (between 5 and 10 ms): no change.
     assert sizes[8:18] == [32] * 10

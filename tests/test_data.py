@@ -118,7 +118,8 @@ def test_manifest_round_trip(tmp_path: Path):
     images = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
-    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    assert not list(tmp_path.glob("*.pt"))
+    assert not list(tmp_path.glob("*.pkl"))
 
 
 def test_manifest_version_checked(tmp_path: Path):
