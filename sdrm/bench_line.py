@@ -69,7 +69,7 @@ def run(settings, boards: bench_data.ImageSet, loaded: bench_data.LoadedModel, p
 
         # Frames published as fast as the folder reads them queue up, so the runs above measure
         # throughput but not latency. A second SDRM run paced at 70 % of the best throughput
-        # measures the latency that a line running below capacity sees.
+        # measures the latency of a line that runs below capacity.
         saturated = [run for run in runs if run["mode"] == "sdrm" and run["status"] == "done" and run.get("throughput_fps")]
         if saturated:
             best = max(saturated, key=lambda run: run["throughput_fps"])

@@ -1,7 +1,7 @@
 """The `sdrm` command: training, evaluation, benchmarks and the line's services.
 
 The service commands (ingest, compressor, device, aggregator, scheduler, line, topics) live in the
-`services` package, which holds all MQTT code; they are imported only when called.
+`services` package, which contains all MQTT code. They are imported only when called.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation on the test split of a dataset, and on whole boards as a camera sees them."""
+"""Evaluation on the test split of a dataset, and on whole boards as a camera captures them."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ sum sigma^2 = ||Y||_F^2, so methods that compute only the leading singular value
 
 Methods:
 - ``exact``: thin LAPACK SVD (torch.linalg.svd).
-- ``gram``: eigendecomposition of the smaller Gram matrix (Y^T Y or Y Y^T); fastest when
-  min(m, n) is small, loses accuracy only in directions far below the kept energy.
+- ``gram``: eigendecomposition of the smaller Gram matrix (Y^T Y or Y Y^T). It is fastest when
+  min(m, n) is small and loses accuracy only in directions far below the kept energy.
 - ``randomized``: Halko-Martinsson-Tropp range finder with oversampling and power iterations; the
   sketch width grows until the kept energy reaches phi.
 - ``subspace``: block power iteration warm-started from a previous result's V, with a
@@ -324,7 +324,7 @@ def subspace_iteration(
 ) -> LowRank:
     """Block power iteration on Y from a start basis V0 (n x r0), with a Rayleigh-Ritz step.
 
-    Each step maps the right basis through Y and Y^T and re-orthonormalises it; the Rayleigh-Ritz
+    Each step maps the right basis through Y and Y^T and re-orthonormalises it. The Rayleigh-Ritz
     step takes the SVD of the small k x k matrix Q_U^T Y Q_V. Once the leading r Ritz values hold
     phi of ||Y||_F^2, the iteration stops at the first of two tests. The residual test
     ||Y V_r - U_r S_r||_F^2 <= residual_tol * (||Y||_F^2 - sum S_r^2) lets a good warm start stop

@@ -9,8 +9,8 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
     """Return accuracy, balanced accuracy, precision, recall, F1 and AUROC of the defect class.
 
     labels: (n,) 0 = ok, 1 = defect; scores: (n,) defect probability; a score >= threshold is a
-    defect call. The confusion matrix is [[tn, fp], [fn, tp]]; `majority_accuracy` is the accuracy
-    of always answering the most frequent class.
+    defect call. The confusion matrix is [[tn, fp], [fn, tp]]. `majority_accuracy` is the accuracy
+    of always predicting the most frequent class.
     """
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=np.float64)

@@ -39,7 +39,7 @@ from sdrm import messages, wire
 from sdrm.inference import decide
 from services import config as cfg
 from services.bus import Bus, Incoming, Inbox, now_ms
-from services.common import load_model, run_main, set_threads
+from services.common import load_model, parse_topic_message, run_main, set_threads
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.aggregator")
@@ -151,15 +151,8 @@ class Aggregator:
     # Inputs --------------------------------------------------------------------------------------
 
     def _on_frame_info(self, incoming: Incoming) -> None:
-        try:
-            info = messages.parse(messages.FrameInfo, incoming.payload)
-        except messages.MessageError as error:
-            self.counters.add("frame_info_invalid")
-            self.log.warning("frame_info_invalid", topic=incoming.topic, error=str(error))
-            return
-        if info.camera != incoming.ids["camera"]:
-            self.counters.add("frame_info_invalid")
-            self.log.warning("frame_info_invalid", topic=incoming.topic, error=f"names camera {info.camera!r}")
+        info = parse_topic_message(incoming, messages.FrameInfo, "camera", self.counters, self.log, "frame_info_invalid")
+        if info is None:
             return
         key = (info.camera, info.frame, info.epoch, info.capture_ms)
         if key in self.done:

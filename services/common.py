@@ -16,6 +16,30 @@ from services.config import configure_logging, resolve
 log = structlog.get_logger("sdrm.service")
 
 
+def parse_topic_message(incoming, model_cls, field: str, counters, service_log, event: str):
+    """Return the pydantic message in incoming, or None after counting and logging `event`.
+
+    The message is rejected when its JSON is invalid or when its `field` differs from the id of
+    the same name in the topic, because a message published on another device's or camera's topic
+    must not be taken for that device's or camera's.
+    """
+    from sdrm import messages
+
+    try:
+        message = messages.parse(model_cls, incoming.payload)
+    except messages.MessageError as error:
+        counters.add(event)
+        service_log.warning(event, topic=incoming.topic, error=str(error))
+        return None
+
+    value = getattr(message, field)
+    if value != incoming.ids[field]:
+        counters.add(event)
+        service_log.warning(event, topic=incoming.topic, error=f"message names {field} {value!r}, the topic another")
+        return None
+    return message
+
+
 class Service(Protocol):
     def run(self) -> int: ...
 

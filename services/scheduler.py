@@ -24,7 +24,7 @@ from sdrm import messages
 from sdrm.schedule import HeadCost, Scheduler
 from services import config as cfg
 from services.bus import Bus, Incoming, now_ms
-from services.common import StartupError, run_main
+from services.common import StartupError, parse_topic_message, run_main
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.scheduler")
@@ -169,15 +169,8 @@ class SchedulerService:
         )
 
     def _on_load(self, incoming: Incoming) -> None:
-        try:
-            report = messages.parse(messages.LoadReport, incoming.payload)
-        except messages.MessageError as error:
-            self.counters.add("load_invalid")
-            self.log.warning("load_invalid", topic=incoming.topic, error=str(error))
-            return
-        if report.device != incoming.ids["device"]:
-            self.counters.add("load_invalid")
-            self.log.warning("load_invalid", topic=incoming.topic, error=f"report names device {report.device!r}")
+        report = parse_topic_message(incoming, messages.LoadReport, "device", self.counters, self.log, "load_invalid")
+        if report is None:
             return
         with self._lock:
             if self.scheduler is not None:
