@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdrm.baseline import PlainCNN
@@ -62,7 +63,10 @@ def load_checkpoint(directory: Path, map_location: str = "cpu", require_sdrm: bo
         model = SDRMClassifier(ModelConfig.from_dict({k: v for k, v in architecture.items() if k != "kind"}))
     else:
         raise ValueError(f"{directory} contains a {kind!r} model, not an SDRM classifier; the line needs a checkpoint from `sdrm train --arch sdrm`")
-    state = load_file(str(directory / WEIGHTS), device=map_location)
+    try:
+        state = load_file(str(directory / WEIGHTS), device=map_location)
+    except SafetensorError as error:
+        raise ValueError(f"{directory / WEIGHTS} is not a valid safetensors file ({error}): copy or retrain the checkpoint") from None
     model.load_state_dict(state)
     return model.eval(), manifest
 

@@ -16,13 +16,35 @@ All models reject NaN and Inf.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import unicodedata
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
 ServiceKind = Literal["camera", "device", "compressor", "aggregator", "scheduler", "ingest"]
+
+MAX_ID_LENGTH = 64
+
+
+def _check_topic_id(value: str) -> str:
+    """Reject ids that cannot be one MQTT topic level: '/', '+', '#', control characters, a leading '$'.
+
+    The same rule as services.topics.validate_id, repeated here because ids in a payload become
+    topic levels of later messages (a device id in an assignment names that device's blocks topic).
+    """
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"id of {len(value)} characters is longer than {MAX_ID_LENGTH}")
+    for char in ("/", "+", "#"):
+        if char in value:
+            raise ValueError(f"id {value!r} contains {char!r}, which MQTT treats as a level separator or wildcard")
+    if value.startswith("$") or any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError(f"id {value!r} starts with '$' or contains a control character")
+    return value
+
+
+TopicId = Annotated[str, Field(min_length=1), AfterValidator(_check_topic_id)]
 
 
 class MessageError(ValueError):
@@ -57,7 +79,7 @@ class Status(_Message):
 
     state: Literal["online", "offline", "stopped"]
     service: ServiceKind
-    id: str = Field(min_length=1)
+    id: TopicId
     session_epoch: int = Field(ge=0)
     ts_ms: int = Field(ge=0)
     info: dict[str, Any] | None = None  # e.g. a device's {"backend": "cuda", "heads": [0, 1]}
@@ -68,7 +90,7 @@ class LoadReport(_Message):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    device: str = Field(min_length=1)
+    device: TopicId
     ts_ms: int = Field(ge=0)
     queue_depth: int = Field(ge=0)
     busy_ratio: float = Field(ge=0.0, le=1.0)  # fraction of wall time spent computing
@@ -100,8 +122,8 @@ class Assignment(_Message):
 
     epoch: int = Field(ge=0)
     ts_ms: int = Field(ge=0)
-    heads: dict[int, str]  # head id -> device id
-    devices: list[str]
+    heads: dict[int, TopicId]  # head id -> device id
+    devices: list[TopicId]
     reason: str = ""
 
     @model_validator(mode="after")
@@ -133,14 +155,17 @@ class Verdict(_Message):
     """Inspection result for one frame, sent to SCADA/MES.
 
     `status` is "complete" when every head arrived, "incomplete" when the verdict was computed
-    without `missing_heads`, and "error" when no verdict could be computed (`error` contains the reason).
+    without `missing_heads`, "error" when no verdict could be computed, and "expired" when the
+    frame was already older than the aggregator's deadline on arrival (after an outage), so it was
+    not inspected. `error` contains the reason for "error" and "expired". Every status except
+    "complete" carries the fail-safe label "defect" with score 1.0.
     `latency_ms` maps stage names to milliseconds; the aggregator adds "total".
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    line: str = Field(min_length=1)
-    camera: str = Field(min_length=1)
+    line: TopicId
+    camera: TopicId
     frame: int = Field(ge=0)
     capture_ms: int = Field(ge=0)
     label: Literal["ok", "defect"]
@@ -151,7 +176,7 @@ class Verdict(_Message):
     phi: float | None = Field(default=None, gt=0.0, le=1.0)  # energy fraction, None without rank reduction
     ranks: dict[int, int] = Field(default_factory=dict)  # head id -> rank
     latency_ms: dict[str, float] = Field(default_factory=dict)
-    status: Literal["complete", "incomplete", "error"]
+    status: Literal["complete", "incomplete", "error", "expired"]
     missing_heads: list[int] = Field(default_factory=list)
     error: str | None = None
     epoch: int = Field(ge=0)
@@ -162,9 +187,9 @@ class Verdict(_Message):
             raise ValueError(f"status 'complete' with missing_heads {self.missing_heads}: use 'incomplete'")
         if self.status == "incomplete" and not self.missing_heads:
             raise ValueError("status 'incomplete' without missing_heads: list the heads that did not arrive")
-        if self.status == "error" and not self.error:
-            raise ValueError("status 'error' without an error message: set error")
-        if self.status != "error" and self.error is not None:
+        if self.status in ("error", "expired") and not self.error:
+            raise ValueError(f"status {self.status!r} without an error message: set error")
+        if self.status in ("complete", "incomplete") and self.error is not None:
             raise ValueError(f"error {self.error!r} set with status {self.status!r}: use status 'error'")
         for head, rank in self.ranks.items():
             if head < 0 or rank < 0:
@@ -187,15 +212,15 @@ class FrameInfo(_Message):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    line: str = Field(min_length=1)
-    camera: str = Field(min_length=1)
+    line: TopicId
+    camera: TopicId
     frame: int = Field(ge=0)
     capture_ms: int = Field(ge=0)
     epoch: int = Field(ge=0)
     width: int = Field(ge=0)
     height: int = Field(ge=0)
     boxes: list[tuple[int, int, int, int]] = Field(default_factory=list)
-    heads: dict[int, str] = Field(default_factory=dict)  # head id -> device id
+    heads: dict[int, TopicId] = Field(default_factory=dict)  # head id -> device id
     head_count: int = Field(ge=0)  # heads of the model; a verdict needs all of them
     ranks: dict[int, int] = Field(default_factory=dict)  # head id -> rank
     phi: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -203,6 +228,27 @@ class FrameInfo(_Message):
     sent_ms: int = Field(ge=0)  # epoch ms when the compressor published the blocks
     compressor: str = ""
     error: str | None = None
+    expired: bool = False  # with error: skipped as too old (overload or message expiry), not invalid
+
+
+class ErrorReport(_Message):
+    """One rejected input or failed step of a service, published on its errors topic.
+
+    Repeats of one `kind` are rate-limited by the sender: `count` is the total of that kind since
+    the service started, and `suppressed` the number not reported since the previous report.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    service: ServiceKind
+    id: TopicId
+    kind: str = Field(min_length=1)  # e.g. "frame_invalid", "blocks_invalid", "payload_too_large"
+    error: str
+    topic: str | None = None  # topic of the rejected message, when there is one
+    ts_ms: int = Field(ge=0)
+    count: int = Field(ge=1)
+    suppressed: int = Field(default=0, ge=0)
+    ids: dict[str, str | int] = Field(default_factory=dict)  # camera, frame, device, head, epoch
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
