@@ -21,6 +21,8 @@ SERVICES = {
     "aggregator": "services.aggregator",
     "scheduler": "services.scheduler",
     "topics": "services.topics_cli",
+    "health": "services.health",
+    "sparkplug": "services.sparkplug",
 }
 
 
@@ -57,7 +59,7 @@ def energy_fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdrm",
-        usage="sdrm {line,ingest,compressor,device,aggregator,scheduler,topics,train,eval,bench} ...",
+        usage="sdrm {line,ingest,compressor,device,aggregator,scheduler,topics,health,sparkplug,train,eval,bench} ...",
         description="SDRM Line: visual defect inspection with rank-reduced, distributed attention.",
         epilog="Service commands: " + ", ".join(SERVICES) + " (run `sdrm <command> --help`).",
     )

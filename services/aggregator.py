@@ -12,6 +12,19 @@ Every FrameInfo gets exactly one verdict:
   fail-safe: label "defect" with score 1.0, because a board that was not inspected must not pass.
 - "error": the compressor could not decode or process the frame (FrameInfo.error), or the heads
   could not be joined. Also fail-safe: label "defect", score 1.0.
+- "expired": the compressor skipped a live camera's frame under overload (FrameInfo.expired), or
+  the FrameInfo reached the aggregator more than `--deadline-ms` after the compressor sent it, for example when the broker delivers the messages it queued while the aggregator was
+  down. Such a frame is not inspected late as if it were fresh, and it gets the same fail-safe
+  label. The aggregator keeps a persistent MQTT session (`--session-expiry-s`), so the broker
+  queues its QoS 1 messages during an outage and every frame of that time is accounted for.
+
+Messages are acknowledged only after they are handled (MQTT manual acknowledgement), so what
+waits in the inbox when the process dies is redelivered by the broker. On SIGTERM the aggregator
+first drains: for up to `--deadline-ms` it finishes the frames it is collecting, leaves messages
+of new frames unacknowledged for its next start, and then gives the frames still missing heads
+an "incomplete" verdict.
+NOTE: after a SIGKILL, frames that were collecting heads at that moment get no verdict, because
+their acknowledged messages lived only in the dead process.
 
 Partials that arrive without a FrameInfo wait until the deadline and then give an "error" verdict
 (the announcement was lost). QoS 1 duplicates (the same head of the same frame and epoch twice)
@@ -40,6 +53,7 @@ from sdrm.inference import decide
 from services import config as cfg
 from services.bus import Bus, Incoming, Inbox, now_ms
 from services.common import load_model, parse_topic_message, run_main, set_threads
+from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.aggregator")
@@ -57,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join the devices' partial outputs of every frame and publish the inspection verdict.",
     )
     cfg.add_common_options(parser)
+    cfg.add_metrics_options(parser)
     parser.add_argument("--id", default="aggregator", help="instance id, unique per line (default aggregator)")
     parser.add_argument(
         "--deadline-ms",
@@ -65,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="time a frame waits for all its heads after its FrameInfo, in milliseconds (default 2000)",
     )
     parser.add_argument("--queue-size", type=cfg.positive_int, default=512, help="messages waiting to be processed (default 512)")
+    parser.add_argument(
+        "--session-expiry-s",
+        type=int,
+        default=3600,
+        help="how long the broker keeps this aggregator's session and queues its messages while it is "
+        "disconnected, in seconds (default 3600; 0: no persistent session)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     return parser
 
@@ -113,15 +135,20 @@ class Aggregator:
             mqtt_version=config.mqtt_version,
             keepalive_s=config.keepalive_s,
             info={"deadline_ms": config.deadline_ms, "model_version": self.model_version},
+            session_expiry_s=max(config.session_expiry_s, 0),
+            manual_ack=True,
+            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
+        self.metrics = ServiceMetrics(self.bus, queue=self.inbox)
         self.log = log.bind(line=config.line, aggregator=config.id)
 
     def _on_message(self, incoming: Incoming) -> None:
         dropped = self.inbox.put(incoming)
         if dropped is not None:
+            self.bus.ack(dropped)
             self.counters.add(f"dropped.{dropped.name}.queue_full")
-            self.log.warning("message_dropped", topic=dropped.topic, reason="inbox full")
+            self.log.warning("message_dropped", topic=dropped.topic, reason="inbox full", **dropped.ids)
 
     def run(self) -> int:
         self.bus.subscribe("frame_info", self._on_message)
@@ -132,15 +159,57 @@ class Aggregator:
             while not self.stop.is_set():
                 incoming = self.inbox.get(timeout=self._wait_s())
                 if incoming is not None:
-                    if incoming.name == "frame_info":
-                        self._on_frame_info(incoming)
-                    else:
-                        self._on_partials(incoming)
+                    self._handle(incoming)
                 self._expire()
+            self._drain()
         finally:
             self.bus.close(info={"counters": self.counters.snapshot(), "verdicts": self.verdicts})
             self.log.info("aggregator_stopped", verdicts=self.verdicts, counters=self.counters.snapshot())
         return 0
+
+    def _handle(self, incoming: Incoming) -> None:
+        if incoming.name == "frame_info":
+            self._on_frame_info(incoming)
+        else:
+            self._on_partials(incoming)
+        self.bus.ack(incoming)
+
+    def _drain(self) -> None:
+        """Finish the frames being collected, for up to one deadline, before the process exits.
+
+        Messages of frames that are not being collected stay unacknowledged, so the broker
+        redelivers them to the next start (persistent session). Frames still missing heads at the
+        end get an "incomplete" verdict.
+        """
+        if not self.pending and not len(self.inbox):
+            return
+        self.log.info("aggregator_draining", pending=len(self.pending), inbox=len(self.inbox))
+        end = time.monotonic() + self.config.deadline_ms / 1000
+        left = 0
+        while self.pending and time.monotonic() < end:
+            incoming = self.inbox.get(timeout=0.05)
+            if incoming is None:
+                continue
+            if self._frame_key(incoming) in self.pending:
+                self._handle(incoming)
+            else:
+                left += 1
+        for item in self.pending.values():
+            item.deadline = 0.0
+        self._expire()
+        self.counters.add("drain.unacknowledged", left + len(self.inbox))
+
+    @staticmethod
+    def _frame_key(incoming: Incoming) -> FrameKey | None:
+        """Return the frame key of a FrameInfo or PARTIALS message, or None when it cannot be read."""
+        try:
+            if incoming.name == "frame_info":
+                info = messages.parse(messages.FrameInfo, incoming.payload)
+                return (info.camera, info.frame, info.epoch, info.capture_ms)
+            envelope = wire.peek_envelope(incoming.payload)
+            return (envelope.camera, envelope.frame, envelope.epoch, envelope.capture_ms)
+        except (messages.MessageError, wire.WireError):
+            return None
 
     def _wait_s(self) -> float:
         if not self.pending:
@@ -151,7 +220,7 @@ class Aggregator:
     # Inputs --------------------------------------------------------------------------------------
 
     def _on_frame_info(self, incoming: Incoming) -> None:
-        info = parse_topic_message(incoming, messages.FrameInfo, "camera", self.counters, self.log, "frame_info_invalid")
+        info = parse_topic_message(incoming, messages.FrameInfo, "camera", self.bus, "frame_info_invalid")
         if info is None:
             return
         key = (info.camera, info.frame, info.epoch, info.capture_ms)
@@ -159,8 +228,20 @@ class Aggregator:
             self.counters.add("frame_info_duplicate")
             return
         if info.error is not None:
-            self._publish_error(info.camera, info.frame, info.capture_ms, info.epoch, info.error, info)
+            status = "expired" if info.expired else "error"
+            self._publish_error(info.camera, info.frame, info.capture_ms, info.epoch, info.error, info, status=status)
             self.pending.pop(key, None)
+            return
+        # NOTE: sent_ms comes from the compressor's clock, so this age is only right with
+        # synchronised clocks (NTP/PTP) when the two run on different hosts.
+        age_ms = incoming.received_ms - info.sent_ms
+        if age_ms > self.config.deadline_ms:
+            error = (
+                f"FrameInfo arrived {age_ms} ms after the compressor sent it, beyond the {self.config.deadline_ms} ms "
+                f"deadline (aggregator outage or backlog), so the frame was not inspected"
+            )
+            self.pending.pop(key, None)
+            self._publish_error(info.camera, info.frame, info.capture_ms, info.epoch, error, info, status="expired")
             return
         item = self.pending.get(key)
         if item is None:
@@ -175,12 +256,11 @@ class Aggregator:
         try:
             message = wire.decode(incoming.payload)
         except wire.WireError as error:
-            self.counters.add("partials_invalid")
-            self.log.warning("partials_invalid", topic=incoming.topic, bytes=len(incoming.payload), error=str(error))
+            self.bus.report_error("partials_invalid", f"{len(incoming.payload)} bytes: {error}", topic=incoming.topic)
             return
         if not isinstance(message, wire.PartialsMessage):
-            self.counters.add("partials_invalid")
-            self.log.warning("partials_invalid", topic=incoming.topic, error=f"got a {wire.Kind(message.envelope.kind).name} message")
+            kind = wire.Kind(message.envelope.kind).name
+            self.bus.report_error("partials_invalid", f"got a {kind} message on a partials topic", topic=incoming.topic)
             return
         envelope = message.envelope
         device = incoming.ids["device"]
@@ -190,10 +270,14 @@ class Aggregator:
             self.counters.add("partials_late")
             self.log.info("partials_late", **ids, verdict=self.done[key])
             return
+        if envelope.device != device:
+            error = f"envelope names device {envelope.device!r} but was published on the topic of device {device!r}"
+            self.bus.report_error("partials_invalid", error, topic=incoming.topic, **ids)
+            return
         invalid = [block.head for block in message.blocks if not 0 <= block.head < self.heads]
         if invalid:
-            self.counters.add("partials_invalid")
-            self.log.warning("partials_invalid", **ids, error=f"head ids {invalid} are outside 0..{self.heads - 1}")
+            error = f"head ids {invalid} are outside 0..{self.heads - 1}"
+            self.bus.report_error("partials_invalid", error, topic=incoming.topic, **ids)
             return
 
         item = self.pending.get(key)
@@ -240,6 +324,7 @@ class Aggregator:
             return
         prediction = decide(scores, [tuple(box) for box in item.info.boxes], self.threshold)
         aggregate_ms = (time.perf_counter() - started) * 1000
+        self.metrics.observe_ms("aggregate", aggregate_ms)
         tiles = [
             messages.Tile(x=t.x, y=t.y, w=t.w, h=t.h, score=min(max(t.score, 0.0), 1.0)) for t in prediction.flagged
         ]
@@ -331,7 +416,14 @@ class Aggregator:
         )
 
     def _publish_error(
-        self, camera: str, frame: int, capture_ms: int, epoch: int, error: str, info: messages.FrameInfo | None
+        self,
+        camera: str,
+        frame: int,
+        capture_ms: int,
+        epoch: int,
+        error: str,
+        info: messages.FrameInfo | None,
+        status: str = "error",
     ) -> None:
         latency = dict(info.latency_ms) if info else {}
         latency["total"] = max(0.0, float(now_ms() - capture_ms))
@@ -346,12 +438,12 @@ class Aggregator:
             model_version=self.model_version,
             phi=info.phi if info else None,
             latency_ms={name: round(max(ms, 0.0), 3) for name, ms in latency.items()},
-            status="error",
+            status=status,
             error=error,
             epoch=epoch,
         )
-        self.counters.add("verdicts_error")
-        self.log.warning("frame_error", camera=camera, frame=frame, epoch=epoch, error=error)
+        self.counters.add(f"verdicts_{status}")
+        self.log.warning(f"frame_{status}", camera=camera, frame=frame, epoch=epoch, error=error)
         self._publish((camera, frame, epoch, capture_ms), verdict)
 
     def _publish(self, key: FrameKey, verdict: messages.Verdict) -> None:
@@ -362,7 +454,8 @@ class Aggregator:
         while len(self.done) > DONE_MEMORY:
             self.done.popitem(last=False)
         self.verdicts += 1
-        self.counters.add(f"verdicts.{verdict.label}")
+        self.counters.add(f"verdicts.{verdict.status}.{verdict.label}")
+        self.metrics.observe_ms("end_to_end", verdict.latency_ms.get("total", 0.0))
         self.log.info(
             "verdict_published",
             camera=verdict.camera,

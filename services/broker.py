@@ -75,13 +75,13 @@ def amqtt_available() -> bool:
     return True
 
 
-def mosquitto_config(port: int, persistence_dir: Path | None = None) -> str:
+def mosquitto_config(port: int, persistence_dir: Path | None = None, max_packet_bytes: int = MAX_PACKET_BYTES) -> str:
     """Return a mosquitto.conf for Mosquitto 2 listening on 127.0.0.1:port without authentication."""
     lines = [
         f"listener {port} 127.0.0.1",
         "allow_anonymous true",
         "# Largest MQTT packet accepted, in bytes. Partials of a 640 x 640 board are about 2 MB.",
-        f"max_packet_size {MAX_PACKET_BYTES}",
+        f"max_packet_size {max_packet_bytes}",
         "# QoS 1 and 2 messages queued per client beyond the in-flight ones, in messages.",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         "# QoS 1 and 2 messages in flight to one client at a time, in messages.",
@@ -96,9 +96,10 @@ def mosquitto_config(port: int, persistence_dir: Path | None = None) -> str:
 class LocalBroker:
     """A broker subprocess on 127.0.0.1: start(), url, stop()."""
 
-    def __init__(self, port: int | None = None, prefer: str = "mosquitto") -> None:
+    def __init__(self, port: int | None = None, prefer: str = "mosquitto", max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
         self.port = port or free_port()
         self.prefer = prefer
+        self.max_packet_bytes = max_packet_bytes
         self.kind: str | None = None
         self.process: subprocess.Popen | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="sdrm-broker-")
@@ -121,7 +122,7 @@ class LocalBroker:
         mosquitto = find_mosquitto()
         if mosquitto and self.prefer != "amqtt":
             config = Path(self._tmp.name) / "mosquitto.conf"
-            config.write_text(mosquitto_config(self.port))
+            config.write_text(mosquitto_config(self.port, max_packet_bytes=self.max_packet_bytes))
             command = [mosquitto, "-c", str(config)]
             self.kind = "mosquitto"
         elif amqtt_available():

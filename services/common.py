@@ -12,12 +12,15 @@ from typing import Protocol
 import structlog
 
 from services.config import configure_logging, resolve
+from services.metrics import MetricsError, serve_metrics, stop_metrics
 
 log = structlog.get_logger("sdrm.service")
 
 
-def parse_topic_message(incoming, model_cls, field: str, counters, service_log, event: str):
-    """Return the pydantic message in incoming, or None after counting and logging `event`.
+def parse_topic_message(incoming, model_cls, field: str, bus, event: str, topic_id: str | None = None):
+    """Return the pydantic message in incoming, or None after reporting `event` through bus.report_error.
+
+    topic_id names the topic placeholder that `field` must equal (default: the same name as field).
 
     The message is rejected when its JSON is invalid or when its `field` differs from the id of
     the same name in the topic, because a message published on another device's or camera's topic
@@ -28,14 +31,17 @@ def parse_topic_message(incoming, model_cls, field: str, counters, service_log, 
     try:
         message = messages.parse(model_cls, incoming.payload)
     except messages.MessageError as error:
-        counters.add(event)
-        service_log.warning(event, topic=incoming.topic, error=str(error))
+        bus.report_error(event, str(error), topic=incoming.topic)
         return None
 
     value = getattr(message, field)
-    if value != incoming.ids[field]:
-        counters.add(event)
-        service_log.warning(event, topic=incoming.topic, error=f"message names {field} {value!r}, the topic another")
+    expected = incoming.ids[topic_id or field]
+    if value != expected:
+        bus.report_error(
+            event,
+            f"message names {field} {value!r} but was published on the topic of {topic_id or field} {expected!r}",
+            topic=incoming.topic,
+        )
         return None
     return message
 
@@ -87,15 +93,25 @@ def run_main(
     factory: Callable[[argparse.Namespace, threading.Event], Service],
     argv: list[str] | None,
 ) -> int:
-    """Resolve the configuration, configure logging, build the service and run it until stopped."""
+    """Resolve the configuration, configure logging, build the service and run it until stopped.
+
+    With --metrics-port, the metrics endpoint starts before the service is built, so that a port
+    in use ends the command at once with status 2.
+    """
     parser = build_parser()
     config = resolve(parser, argv, name)
     configure_logging(config.log_level, config.log_json)
     stop = threading.Event()
     install_stop_signals(stop)
     try:
+        endpoint = serve_metrics(config, name)
         service = factory(config, stop)
-    except (StartupError, ValueError) as error:
+    except (StartupError, MetricsError, ValueError) as error:
         log.error("start_failed", service=name, error=str(error))
         parser.exit(2, f"sdrm {name}: {error}\n")
-    return service.run()
+    if endpoint is not None and getattr(service, "metrics", None) is not None:
+        endpoint.add(service.metrics)
+    try:
+        return service.run()
+    finally:
+        stop_metrics(endpoint, config, name)

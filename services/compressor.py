@@ -17,6 +17,14 @@ Every frame that reaches the compressor gets exactly one FrameInfo. A frame that
 or processed, and a frame dropped because the inbox was full, gets one with `error` set, and the
 aggregator turns it into an "error" verdict. Frames that arrive before any assignment wait up to
 `--assignment-wait-ms` for one.
+
+Frames of live cameras are dropped, oldest first, when the compressor falls behind: a live frame
+is skipped when a newer frame of the same camera already waits in the inbox, or when its MQTT 5
+message expiry has run out. A frame counts as live when it is a plain JPEG/PNG (a smart camera)
+or carries the user property `sdrm-source: live` (`sdrm ingest` of a camera or stream). Skipped
+frames get a FrameInfo with `expired` set, so each still gets one verdict, and latency stays near
+the processing time instead of growing with the backlog. Folder and video-file replays are never
+skipped.
 """
 
 from __future__ import annotations
@@ -27,21 +35,23 @@ import threading
 import time
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import structlog
 import torch
 
-from sdrm import messages, wire
+from sdrm import images, messages, wire
 from sdrm.factors import factorize_heads
 from sdrm.inference import frame_to_tiles
 from sdrm.lowrank import METHODS
 from services import config as cfg
 from services.bus import Bus, Incoming, Inbox, now_ms
 from services.common import load_model, run_main, set_threads
+from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.compressor")
+
+LIVE_PROPERTY = "sdrm-source"  # MQTT 5 user property; the value "live" marks a live camera's frame
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode camera frames, factorise each attention head's tokens and send the blocks to the devices.",
     )
     cfg.add_common_options(parser)
+    cfg.add_metrics_options(parser)
     parser.add_argument("--id", default="compressor", help="instance id, unique per line (default compressor)")
     parser.add_argument("--phi", type=cfg.fraction, default=None, help="kept energy fraction in (0, 1] (default: the model's)")
     parser.add_argument("--nrr", action="store_true", help="no rank reduction: send dense blocks")
@@ -88,6 +99,8 @@ class _Arrival:
     frame: int
     capture_ms: int
     plain: str | None  # "jpeg" or "png" for a plain image, None for an SDRM message or garbage
+    live: bool = False
+    sequence: int = 0  # arrival order, to find the newest waiting frame of a live camera
 
 
 class FrameError(ValueError):
@@ -119,6 +132,8 @@ class Compressor:
         # numbers increasing across restarts of this compressor.
         self._plain_counter = itertools.count(now_ms())
         self._plain_lock = threading.Lock()
+        self._arrivals = itertools.count()
+        self._newest_live: dict[str, int] = {}  # camera -> sequence of its newest live arrival
 
         self.bus = Bus(
             topics=self.topics,
@@ -130,17 +145,23 @@ class Compressor:
             mqtt_version=config.mqtt_version,
             keepalive_s=config.keepalive_s,
             info={"phi": self.phi, "method": self.method, "heads": self.heads},
+            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
+        self.metrics = ServiceMetrics(self.bus, queue=self.inbox)
         self.log = log.bind(line=config.line, compressor=config.id)
 
     # Network thread ------------------------------------------------------------------------------
 
     def _on_frame(self, incoming: Incoming) -> None:
         arrival = self._identify(incoming)
+        arrival.live = arrival.plain is not None or incoming.user_properties.get(LIVE_PROPERTY) == "live"
+        arrival.sequence = next(self._arrivals)
+        if arrival.live:
+            self._newest_live[arrival.camera] = arrival.sequence
         dropped = self.inbox.put(arrival)
         if dropped is not None:
-            self.counters.add("frames_dropped.queue_full")
+            self.counters.add("dropped.frame.queue_full")
             self.log.warning("frame_dropped", camera=dropped.camera, frame=dropped.frame, reason="inbox full")
             self._publish_error(dropped, f"dropped by compressor {self.config.id}: its inbox of {self.inbox.maxsize} frames was full")
 
@@ -164,8 +185,7 @@ class Compressor:
         try:
             assignment = messages.parse(messages.Assignment, incoming.payload)
         except messages.MessageError as error:
-            self.counters.add("assignments_invalid")
-            self.log.error("assignment_invalid", error=str(error))
+            self.bus.report_error("assignment_invalid", str(error), topic=incoming.topic)
             return
         with self._assignment_lock:
             current = self.assignment
@@ -197,6 +217,12 @@ class Compressor:
         return 0
 
     def _handle(self, arrival: _Arrival) -> None:
+        stale = self._stale_reason(arrival)
+        if stale is not None:
+            self.counters.add(f"dropped.frame.{stale[0]}")
+            self.log.info("frame_skipped", camera=arrival.camera, frame=arrival.frame, reason=stale[0])
+            self._publish_error(arrival, stale[1], expired=True)
+            return
         if not self.assignment_ready.is_set():
             self.log.info("assignment_waiting", camera=arrival.camera, frame=arrival.frame)
             waited = self.assignment_ready.wait(self.config.assignment_wait_ms / 1000)
@@ -211,12 +237,13 @@ class Compressor:
         try:
             self._process(arrival)
         except FrameError as error:
-            self.counters.add("frames_failed.invalid")
-            self.log.warning("frame_invalid", camera=arrival.camera, frame=arrival.frame, error=str(error))
+            ids = {"camera": arrival.camera, "frame": arrival.frame}
+            self.bus.report_error("frame_invalid", str(error), topic=arrival.incoming.topic, **ids)
             self._publish_error(arrival, str(error))
         except (ValueError, RuntimeError, wire.WireError) as error:
-            self.counters.add("frames_failed.error")
             self.log.exception("frame_failed", camera=arrival.camera, frame=arrival.frame, error=str(error))
+            ids = {"camera": arrival.camera, "frame": arrival.frame}
+            self.bus.report_error("frame_failed", str(error), topic=arrival.incoming.topic, **ids)
             self._publish_error(arrival, f"compressor failed: {error}")
 
     def _decode(self, arrival: _Arrival) -> tuple[np.ndarray, int, int]:
@@ -245,11 +272,18 @@ class Compressor:
                     f"camera {arrival.camera!r}: publish each camera's frames on its own topic"
                 )
             image_bytes = message.image_bytes
-        gray = cv2.imdecode(np.frombuffer(image_bytes, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-        if gray is None:
-            raise FrameError(
-                f"frame of {len(image_bytes)} bytes on {arrival.incoming.topic} could not be decoded as JPEG or PNG"
-            )
+        try:
+            gray = images.decode_gray(image_bytes)
+        except images.ImageError as error:
+            raise FrameError(f"invalid frame on {arrival.incoming.topic}: {error}") from None
+        if arrival.plain is None:
+            envelope = message.envelope
+            height, width = gray.shape
+            if (envelope.width, envelope.height) not in ((0, 0), (min(width, 0xFFFF), min(height, 0xFFFF))):
+                raise FrameError(
+                    f"invalid frame header: it gives {envelope.width} x {envelope.height} pixels but the image is {width} x {height}: "
+                    f"the sender wrote a wrong header"
+                )
         return gray, arrival.capture_ms, arrival.frame
 
     @torch.no_grad()
@@ -293,6 +327,7 @@ class Compressor:
             ("embed", (embedded - decoded) * 1000),
             ("factorize", (factorized - embedded) * 1000),
         ]
+        self.metrics.observe_stages(timings)
         payloads = {}
         for device, device_blocks in routes.items():
             envelope = wire.Envelope(
@@ -340,7 +375,18 @@ class Compressor:
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
-    def _publish_error(self, arrival: _Arrival, error: str) -> None:
+    def _stale_reason(self, arrival: _Arrival) -> tuple[str, str] | None:
+        """Return (counter reason, message) when a live frame should be skipped, else None."""
+        if not arrival.live:
+            return None
+        if self._newest_live.get(arrival.camera, arrival.sequence) != arrival.sequence:
+            return "superseded", "skipped under overload: a newer frame of this live camera was already waiting"
+        if arrival.incoming.expired():
+            expiry = arrival.incoming.expiry_s
+            return "expired", f"skipped: the frame's message expiry of {expiry:g} s ran out before compression"
+        return None
+
+    def _publish_error(self, arrival: _Arrival, error: str, expired: bool = False) -> None:
         with self._assignment_lock:
             epoch = self.assignment.epoch if self.assignment else 0
         info = messages.FrameInfo(
@@ -356,6 +402,7 @@ class Compressor:
             sent_ms=now_ms(),
             compressor=self.config.id,
             error=error,
+            expired=expired,
         )
         self.bus.publish("frame_info", messages.to_json(info), camera=arrival.camera)
 

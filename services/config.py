@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ ENV_PREFIX = "SDRM_"
 SERVICE_SECTIONS = ("line", "ingest", "compressor", "device", "aggregator", "scheduler")
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_LINE = "line1"
+# MQTT 3.1.1 brokers do not announce their packet limit; this is the max_packet_size that
+# services/broker.py and compose/mosquitto/mosquitto.conf set.
+DEFAULT_MQTT311_MAX_PACKET = 64 * 1024 * 1024
+PLAIN_SCHEMES = ("mqtt", "tcp")
+TLS_SCHEMES = ("mqtts", "ssl")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -54,10 +60,10 @@ def default_model_dir() -> Path:
 
 
 def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> None:
-    """Add --config, --broker, --line, --mqtt-version, --log-level and (optionally) --model."""
+    """Add --config, --broker, --line, --mqtt-version, --log-level, the security options and (optionally) --model."""
     parser.add_argument("--config", type=Path, default=None, help="YAML file with option values (see `services.config`)")
     parser.add_argument(
-        "--broker", default=DEFAULT_BROKER, help=f"MQTT broker URL mqtt://host:port (default {DEFAULT_BROKER})"
+        "--broker", default=DEFAULT_BROKER, help=f"MQTT broker URL mqtt://host:port, or mqtts://host:port for TLS (default {DEFAULT_BROKER})"
     )
     parser.add_argument("--line", default=DEFAULT_LINE, help=f"line id, one topic level (default {DEFAULT_LINE})")
     parser.add_argument(
@@ -65,6 +71,14 @@ def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> N
         choices=["5", "3.1.1"],
         default="5",
         help="MQTT protocol version (default 5; use 3.1.1 for brokers without MQTT 5)",
+    )
+    parser.add_argument(
+        "--max-packet-bytes",
+        type=int,
+        default=0,
+        help="largest MQTT packet the broker accepts, in bytes; larger messages are rejected before sending "
+        f"(default 0: the broker's limit from its MQTT 5 CONNACK, or {DEFAULT_MQTT311_MAX_PACKET} under MQTT 3.1.1, "
+        "the max_packet_size of the project's Mosquitto configurations)",
     )
     parser.add_argument(
         "--keepalive-s", type=int, default=10, help="MQTT keepalive in seconds; a dead link is noticed after 1.5x (default 10)"
@@ -76,6 +90,7 @@ def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> N
         help="lowest log level written to stderr (default info)",
     )
     parser.add_argument("--log-json", action="store_true", help="write logs as JSON lines instead of key=value")
+    add_security_options(parser)
     if model:
         parser.add_argument(
             "--model",
@@ -206,22 +221,90 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
 
 
 def parse_broker(url: str) -> tuple[str, int]:
-    """Return (host, port) of an mqtt://host:port URL; the port defaults to 1883.
+    """Return (host, port) of an mqtt://host:port or mqtts://host:port URL.
 
-    Raises ConfigError for other schemes or a missing host, naming the value and the expected form.
+    The port defaults to 1883 for mqtt:// and 8883 for mqtts://. Raises ConfigError for other
+    schemes, a missing host or a URL with a user name or password, naming the value (with any
+    password masked) and the expected form.
     """
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp"):
+    if "@" in url:
         raise ConfigError(
-            f"invalid broker URL {url!r}: scheme {parts.scheme!r} is not supported; use mqtt://host:port"
+            f"invalid broker URL {_mask_credentials(url)!r}: the URL must not contain a user name or password; "
+            "use --username and SDRM_PASSWORD or --password-file"
         )
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in PLAIN_SCHEMES + TLS_SCHEMES:
+        raise ConfigError(
+            f"invalid broker URL {url!r}: scheme {parts.scheme!r} is not supported; use mqtt://host:port or mqtts://host:port"
+        )
+    default_port = 8883 if parts.scheme in TLS_SCHEMES else 1883
     try:
-        port = parts.port or 1883
+        port = parts.port or default_port
     except ValueError:
         raise ConfigError(f"invalid broker URL {url!r}: the port must be a number in 1..65535") from None
     if not parts.hostname:
         raise ConfigError(f"invalid broker URL {url!r}: the host is missing; use mqtt://host:port")
     return parts.hostname, port
+
+
+def broker_uses_tls(url: str) -> bool:
+    """Return whether a broker URL selects TLS (mqtts:// or ssl://); raises ConfigError like parse_broker."""
+    parse_broker(url)
+    return urlsplit(url if "://" in url else f"mqtt://{url}").scheme in TLS_SCHEMES
+
+
+def _mask_credentials(url: str) -> str:
+    """Return url with everything between the scheme and the last '@' replaced by '***'.
+
+    The last '@' is used because a password may itself contain '@', '/' or ':'.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    return f"{scheme}{separator}***@{rest.rpartition('@')[2]}"
+
+
+def bus_connection(config: argparse.Namespace) -> dict[str, Any]:
+    """Return the Bus keyword arguments of the common connection options of a resolved config.
+
+    They are username, password and tls_context (see `services.security`) and max_packet_bytes.
+    Raises ConfigError for inconsistent or unreadable security options.
+    """
+    from services import security  # imported here because services.security imports this module
+
+    max_packet = getattr(config, "max_packet_bytes", 0) or 0
+    if max_packet <= 0 and getattr(config, "mqtt_version", "5") == "3.1.1":
+        max_packet = DEFAULT_MQTT311_MAX_PACKET
+    return {**security.bus_security(config), "max_packet_bytes": max_packet or None}
+
+
+def add_security_options(parser: argparse.ArgumentParser) -> None:
+    """Add --username, --password-file, --tls-ca, --tls-cert and --tls-key; `services.security` reads them."""
+    parser.add_argument("--username", default=None, help="MQTT username (default: none, an anonymous client)")
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help="file whose first line is the MQTT password; the environment variable SDRM_PASSWORD may give "
+        "the password instead (there is no --password flag, so the password never shows in ps)",
+    )
+    parser.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM file of the CA that signed the broker's certificate (default: the system CAs)"
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for brokers that require one")
+    parser.add_argument("--tls-key", type=Path, default=None, help="unencrypted PEM private key of --tls-cert")
+    # Without this hidden option, argparse would take `--password X` as an abbreviation of --password-file.
+    parser.add_argument("--password", dest="password_flag", nargs="?", action=_RejectPasswordFlag, help=argparse.SUPPRESS)
+
+
+class _RejectPasswordFlag(argparse.Action):
+    """Reject --password without echoing its value."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            "there is no --password option, because `ps` shows every command line: write the password to a file "
+            "and pass --password-file FILE, or set the environment variable SDRM_PASSWORD"
+        )
 
 
 def positive_float(text: str) -> float:
@@ -256,7 +339,50 @@ def fraction(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port in 0..65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a TCP port in 0..65535")
+    return value
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """Add --metrics-port and --metrics-host, the Prometheus endpoint of `services.metrics`."""
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=0,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default 0: no endpoint, so that "
+        "services on one host never collide; give each service its own port)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0 for all interfaces, e.g. in a container)",
+    )
+
+
 _LOGGING_CONFIGURED = False
+
+
+# A URL's user name and password: from the scheme to the last '@' of the same word, because a
+# password may contain '/', ':' or '@'. This masks more than the credentials when a later '@'
+# follows in the path or query.
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+
+
+def mask_url_credentials(text: str) -> str:
+    """Return text with the user name and password of every URL in it replaced by '***'."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def mask_logged_credentials(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: mask URL credentials in the event's string values, such as an RTSP --source."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "@" in value:
+            event_dict[key] = mask_url_credentials(value)
+    return event_dict
 
 
 def configure_logging(level: str = "info", json_lines: bool = False) -> None:
@@ -277,6 +403,7 @@ def configure_logging(level: str = "info", json_lines: bool = False) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            mask_logged_credentials,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import platform
 import threading
 import time
 
@@ -38,6 +39,7 @@ from sdrm.blocksize import BlockSizeController
 from services import config as cfg
 from services.bus import Bus, Incoming, Inbox, now_ms
 from services.common import StartupError, load_model, run_main, set_threads
+from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.device")
@@ -52,9 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute attention heads from factor blocks and send the partial outputs to the aggregator.",
     )
     cfg.add_common_options(parser)
+    cfg.add_metrics_options(parser)
     parser.add_argument("--device", default="dev1", help="device id, unique per line (default dev1)")
     parser.add_argument(
         "--backend", choices=["auto", "cpu", "cuda"], default="auto", help="compute backend (default auto: CUDA when available)"
+    )
+    parser.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="exit with status 2 at start when no CUDA GPU is available, instead of computing on the CPU",
     )
 
     parser.add_argument(
@@ -109,7 +117,8 @@ class Device:
         validate_id("line", config.line)
         validate_id("device", config.device)
         set_threads(config.threads)
-        self.torch_device = self._select_backend(config.backend)
+        self.torch_device = self._select_backend(config.backend, config.require_gpu)
+        log.info("device_selected", device=config.device, **describe_torch_device(self.torch_device))
         model, self.manifest = load_model(config.model)
         self.model = model.to(self.torch_device)
         self.inbox = Inbox(config.queue_size)
@@ -135,19 +144,27 @@ class Device:
             mqtt_version=config.mqtt_version,
             keepalive_s=config.keepalive_s,
             info=info,
+            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
+        self.metrics = ServiceMetrics(self.bus, queue=self.inbox)
         self.log = log.bind(line=config.line, device=config.device)
 
     @staticmethod
-    def _select_backend(backend: str) -> torch.device:
+    def _select_backend(backend: str, require_gpu: bool = False) -> torch.device:
+        """Return the torch device to compute on, or raise StartupError when the options cannot be met."""
         # NOTE: the CUDA path (weights, blocks and synchronisation on the GPU) has only run on CPU
         # machines so far, where it is never taken.
-        if backend == "cuda" and not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if require_gpu and backend == "cpu":
+            raise StartupError("--require-gpu contradicts --backend cpu: drop one of the two options")
+        if require_gpu and not cuda:
+            raise StartupError(_missing_gpu_message())
+        if backend == "cuda" and not cuda:
             raise StartupError("--backend cuda was requested but torch.cuda.is_available() is False: use --backend cpu or auto")
-        if backend == "cpu" or (backend == "auto" and not torch.cuda.is_available()):
+        if backend == "cpu" or not cuda:
             return torch.device("cpu")
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
 
     # Network thread ------------------------------------------------------------------------------
 
@@ -155,7 +172,8 @@ class Device:
         dropped = self.inbox.put(incoming)
         if dropped is not None:
             self.counters.add("blocks_dropped.queue_full")
-            self.log.warning("blocks_dropped", reason="inbox full", queue_size=self.inbox.maxsize)
+            ids = _envelope_ids(dropped.payload)
+            self.log.warning("blocks_dropped", reason="inbox full", queue_size=self.inbox.maxsize, **ids)
 
     # Worker threads ------------------------------------------------------------------------------
 
@@ -189,29 +207,30 @@ class Device:
         try:
             message = wire.decode(incoming.payload)
         except wire.WireError as error:
-            self.counters.add("blocks_invalid")
-            self.log.warning("blocks_invalid", topic=incoming.topic, bytes=len(incoming.payload), error=str(error))
+            self.bus.report_error("blocks_invalid", f"{len(incoming.payload)} bytes: {error}", topic=incoming.topic)
             return
         if not isinstance(message, wire.BlocksMessage):
-            self.counters.add("blocks_invalid")
-            self.log.warning(
-                "blocks_invalid", topic=incoming.topic, error=f"got a {wire.Kind(message.envelope.kind).name} message"
-            )
+            kind = wire.Kind(message.envelope.kind).name
+            self.bus.report_error("blocks_invalid", f"got a {kind} message on a blocks topic", topic=incoming.topic)
             return
         envelope = message.envelope
         ids = {"camera": envelope.camera, "frame": envelope.frame, "epoch": envelope.epoch}
         heads = self.model.config.heads
         invalid = [block.head for block in message.blocks if not 0 <= block.head < heads]
         if invalid:
-            self.counters.add("blocks_invalid")
-            self.log.warning("blocks_invalid", **ids, error=f"head ids {invalid} are outside 0..{heads - 1}")
+            self.bus.report_error("blocks_invalid", f"head ids {invalid} are outside 0..{heads - 1}", topic=incoming.topic, **ids)
+            return
+        head_dim = self.model.config.head_dim
+        wrong = [block.head for block in message.blocks if block.head_dim != head_dim]
+        if wrong:
+            error = f"blocks of heads {wrong} have head_dim other than the model's {head_dim}: the compressor runs another model"
+            self.bus.report_error("blocks_invalid", error, topic=incoming.topic, **ids)
             return
 
         try:
             partials, compute_ms = self._compute(message.blocks)
         except (RuntimeError, ValueError) as error:
-            self.counters.add("blocks_failed")
-            self.log.exception("attention_failed", **ids, error=str(error))
+            self.bus.report_error("attention_failed", str(error), topic=incoming.topic, **ids)
             return
         if self.config.extra_load_ms > 0:
             time.sleep(self.config.extra_load_ms / 1000)
@@ -222,6 +241,7 @@ class Device:
             ("attention", compute_ms),
             ("device", device_ms),
         ]
+        self.metrics.observe_stages([("device_queue", queue_ms), ("attention", compute_ms)])
         out_envelope = wire.Envelope(
             kind=wire.Kind.PARTIALS,
             line=envelope.line,
@@ -237,8 +257,7 @@ class Device:
         try:
             payload = wire.encode_partials(out_envelope, message.blocks, partials, dtype=self.config.wire_dtype)
         except wire.WireError as error:
-            self.counters.add("partials_invalid")
-            self.log.error("partials_encode_failed", **ids, error=str(error))
+            self.bus.report_error("partials_encode_failed", str(error), **ids)
             return
         self.bus.publish("partials", payload, device=self.config.device)
         self.frames_done += 1
@@ -330,6 +349,58 @@ class Device:
             total = torch.cuda.get_device_properties(self.torch_device).total_memory
             return used / 2**20, used / total
         return _rss_memory()
+
+
+def _missing_gpu_message() -> str:
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (
+        f"--require-gpu is set but no CUDA GPU is available (torch {torch.__version__}, {build}). "
+        "On a Jetson, run the container with the NVIDIA runtime (`runtime: nvidia`, see "
+        "compose/docker-compose.jetson.yml) from an image with a CUDA build of torch. Elsewhere, check "
+        "`nvidia-smi` and the NVIDIA Container Toolkit. To compute on the CPU instead, drop --require-gpu "
+        "(or unset SDRM_REQUIRE_GPU)."
+    )
+
+
+def describe_torch_device(device: torch.device) -> dict[str, object]:
+    """Return the torch device, its name and its total memory in MiB, for the start log.
+
+    The memory is the GPU's total memory on CUDA and the machine's physical memory on the CPU
+    (on a Jetson both are the same shared memory).
+    """
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return {"torch_device": str(device), "name": properties.name, "memory_mb": round(properties.total_memory / 2**20)}
+    return {"torch_device": str(device), "name": _cpu_name(), "memory_mb": round(_physical_memory_bytes() / 2**20)}
+
+
+def _cpu_name() -> str:
+    """Return the CPU model from /proc/cpuinfo (Linux), else the machine type such as 'x86_64'."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _envelope_ids(payload: bytes) -> dict[str, object]:
+    """Return the camera, frame and epoch of a wire message for a log event, or {} when its envelope is invalid."""
+    try:
+        envelope = wire.peek_envelope(payload)
+    except wire.WireError:
+        return {}
+    return {"camera": envelope.camera, "frame": envelope.frame, "epoch": envelope.epoch}
 
 
 def _to_device(block, device: torch.device):

@@ -19,6 +19,17 @@ when it is full, counting each drop. They are reopened with exponential backoff 
 File and folder sources block instead and lose nothing. A folder or file source ends when every
 frame is published and acknowledged (QoS 1), and the command then exits with status 0.
 
+A watchdog guards the source:
+- a live source that delivers no frame for `--stall-s` seconds is stalled. A stream's read also
+  times out after that long (OpenCV's FFmpeg backend), so the source is reopened with backoff;
+- a stalled, unreachable or disconnected source marks the camera `offline` on its status topic
+  (info `source_state`) until frames flow again;
+- a video file that ends before the frame count in its header was cut short. It is reported, and
+  `--loop` reopens it with backoff, while a single pass exits with status 1;
+- `--frozen-frames` identical frames in a row flag the camera as frozen (status info `frozen`), a
+  stuck sensor or a stream that repeats its last picture. Frames still go out.
+Each of these is counted and reported on the ingest's errors topic.
+
 The camera's retained status (`online` on connect, `stopped` on exit, `offline` as the will) is
 published on its camera status topic.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +53,7 @@ from sdrm import wire
 from services import config as cfg
 from services.bus import Bus, now_ms, published, wait_published
 from services.common import run_main
+from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.ingest")
@@ -55,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish frames from a camera, a stream, a video file or an image folder.",
     )
     cfg.add_common_options(parser, model=False)
+    cfg.add_metrics_options(parser)
     parser.add_argument("--source", required=False, default=None, help="camera index, rtsp/http URL, video file or image folder")
     parser.add_argument("--camera", default="cam1", help="camera id, one topic level (default cam1)")
     parser.add_argument("--fps", type=cfg.non_negative_float, default=0.0, help="maximum frames per second (default 0: no limit)")
@@ -64,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png", action="store_true", help="encode frames as lossless PNG instead of JPEG")
     parser.add_argument(
         "--queue-size", type=cfg.positive_int, default=2, help="frames buffered for a live source; the oldest is dropped (default 2)"
+    )
+    parser.add_argument(
+        "--stall-s",
+        type=cfg.positive_float,
+        default=5.0,
+        help="seconds without a frame before a live source counts as stalled and is reopened (default 5)",
+    )
+    parser.add_argument(
+        "--frozen-frames",
+        type=int,
+        default=50,
+        help="identical frames in a row before the camera is flagged as frozen (default 50; 0: off)",
+    )
+    parser.add_argument(
+        "--frame-expiry-s",
+        type=cfg.positive_int,
+        default=5,
+        help="MQTT 5 message expiry of a live source's frames, in seconds; older frames are skipped (default 5)",
     )
     parser.add_argument(
         "--max-inflight", type=cfg.positive_int, default=8, help="unacknowledged frames before a file source waits (default 8)"
@@ -146,12 +178,20 @@ class Ingest:
             keepalive_s=config.keepalive_s,
             max_inflight=config.max_inflight,
             info={"source": self.kind},
+            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.log = log.bind(line=config.line, camera=config.camera)
         self._queue: collections.deque[Capture] = collections.deque()
+        self.metrics = ServiceMetrics(self.bus, queue=self._queue, queue_capacity=config.queue_size)
         self._ready = threading.Condition()
         self._source_done = threading.Event()
+        self._source_lock = threading.Lock()
+        self._source_state = "ok"  # ok, stalled, unavailable, disconnected or truncated
+        self._last_capture = time.monotonic()
+        self._last_digest: bytes | None = None
+        self._repeats = 0
+        self._frozen = False
 
     # Sources -------------------------------------------------------------------------------------
 
@@ -165,8 +205,7 @@ class Ingest:
                 try:
                     data = path.read_bytes()
                 except OSError as error:
-                    self.counters.add("frames_skipped.unreadable")
-                    self.log.error("image_unreadable", path=str(path), error=str(error))
+                    self.bus.report_error("image_unreadable", f"{path}: {error}")
                     continue
                 capture_ms = now_ms()
                 if content_type is not None and wire.is_plain_image(data) == content_type and not self._needs_reencode(content_type, data):
@@ -174,8 +213,7 @@ class Ingest:
                     continue
                 image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
                 if image is None:
-                    self.counters.add("frames_skipped.undecodable")
-                    self.log.error("image_undecodable", path=str(path), error="not a readable image")
+                    self.bus.report_error("image_undecodable", f"{path} is not a readable image: skipped")
                     continue
                 yield Capture(capture_ms, str(path), image=image)
             if not self.config.loop:
@@ -188,9 +226,62 @@ class Ingest:
         """
         return content_type != ("png" if self.config.png else "jpeg")
 
+    # Watchdog ------------------------------------------------------------------------------------
+
+    def _source_down(self, state: str, error: str) -> None:
+        """Mark the camera offline for a source problem, once per change of state."""
+        with self._source_lock:
+            if self._source_state == state:
+                return
+            self._source_state = state
+        self.bus.set_state("offline", source_state=state)
+        self.bus.report_error(f"source_{state}", error, source=str(self.config.source))
+
+    def _source_up(self) -> None:
+        with self._source_lock:
+            if self._source_state == "ok":
+                return
+            previous, self._source_state = self._source_state, "ok"
+        self.bus.set_state("online", source_state="ok")
+        self.log.info("source_recovered", source=str(self.config.source), after=previous)
+
+    def _watch(self, capture: Capture) -> None:
+        """Record a captured frame: clear a stall and flag or clear a frozen picture."""
+        self._last_capture = time.monotonic()
+        self._source_up()
+        if self.config.frozen_frames <= 0:
+            return
+        data = capture.encoded if capture.encoded is not None else capture.image.tobytes()
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        self._repeats = self._repeats + 1 if digest == self._last_digest else 1
+        self._last_digest = digest
+        if self._repeats >= self.config.frozen_frames and not self._frozen:
+            self._frozen = True
+            self.bus.update_info(frozen=True)
+            self.bus.report_error("camera_frozen", f"{self._repeats} identical frames in a row from {self.config.source}")
+        elif self._repeats == 1 and self._frozen:
+            self._frozen = False
+            self.bus.update_info(frozen=False)
+            self.log.info("camera_unfrozen", frame=self.frame)
+
+    def _check_stall(self) -> None:
+        silent_s = time.monotonic() - self._last_capture
+        if silent_s > self.config.stall_s:
+            self._source_down("stalled", f"no frame from {self.config.source} for {silent_s:.1f} s")
+
+    # Sources -------------------------------------------------------------------------------------
+
     def _open_video(self) -> cv2.VideoCapture:
         source = str(self.config.source)
-        capture = cv2.VideoCapture(int(source)) if source.isdigit() else cv2.VideoCapture(source)
+        if source.isdigit():
+            capture = cv2.VideoCapture(int(source))
+        elif self.kind == "stream":
+            # Bounded open and read times, so that a stream that stops sending returns from read().
+            timeout_ms = int(self.config.stall_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+            capture = cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+        else:
+            capture = cv2.VideoCapture(source)
         if not capture.isOpened():
             capture.release()
             raise SourceError(f"cannot open {self.kind} source {source!r}")
@@ -208,11 +299,14 @@ class Ingest:
                     raise
                 attempt += 1
                 self.counters.add("source_reopen")
+                self._source_down("unavailable", str(error))
                 self.log.warning("source_retry", attempt=attempt, retry_in_s=delay, error=str(error))
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.config.reopen_max_s)
                 continue
             self.log.info("source_opened", source=str(self.config.source), kind=self.kind)
+            declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not self.live else 0
+            read = 0
             try:
                 while not self.stop.is_set():
                     ok, image = capture.read()
@@ -220,14 +314,25 @@ class Ingest:
                         break
                     delay = 1.0
                     attempt = 0
+                    read += 1
                     yield Capture(now_ms(), f"{self.config.source}#{self.frame}", image=image)
             finally:
                 capture.release()
+            if self.stop.is_set():
+                return
             if not self.live:
+                if 0 < read < declared:
+                    # A file that was cut short: count it, then retry a looped file with backoff.
+                    self._source_down("truncated", f"{self.config.source} ended after {read} of its {declared} frames")
+                    if not self.config.loop:
+                        raise SourceError(f"video file {self.config.source} was cut short after {read} of {declared} frames")
+                    self.stop.wait(delay)
+                    delay = min(delay * 2, self.config.reopen_max_s)
                 if self.config.loop:
                     continue
                 return
             self.counters.add("source_failed")
+            self._source_down("disconnected", f"{self.config.source} stopped delivering frames")
             self.log.warning("source_failed", source=str(self.config.source), retry_in_s=delay)
             self.stop.wait(delay)
             delay = min(delay * 2, self.config.reopen_max_s)
@@ -275,7 +380,14 @@ class Ingest:
             height=min(height, 0xFFFF),
         )
         payload = wire.encode_frame(envelope, image_bytes, content_type)
-        info = self.bus.publish("frame", payload, camera=self.config.camera)
+        if self.live:
+            # Under MQTT 5, the compressor skips a live frame that is superseded or expired.
+            info = self.bus.publish(
+                "frame", payload, camera=self.config.camera,
+                expiry_s=self.config.frame_expiry_s, user_properties={"sdrm-source": "live"},
+            )
+        else:
+            info = self.bus.publish("frame", payload, camera=self.config.camera)
         if info is not None:
             inflight.append(info)
             self.published += 1
@@ -308,6 +420,7 @@ class Ingest:
                     if self._source_done.is_set():
                         return
                     self._ready.wait(0.2)
+                    self._check_stall()
                     continue
                 capture = self._queue.popleft()
             yield capture
@@ -331,6 +444,7 @@ class Ingest:
                 capture = next(captures, None)
                 if capture is None:
                     break
+                self._watch(capture)
                 if not self.live:
                     # Blocking back-pressure: a file source waits for the oldest acknowledgement.
                     while len(inflight) >= self.config.max_inflight and not self.stop.is_set():

@@ -17,6 +17,10 @@ defects, accuracy, throughput and latency percentiles. Accuracy needs the true l
 from `ok/` and `defective/` folders or an annotations.json in the source folder. `--summary-json`
 writes the summary with every verdict. A folder or video source ends the line once every
 published frame has its verdict, or `--timeout-s` after the source ended; Ctrl-C ends it at once.
+
+`--metrics-port` serves one Prometheus endpoint for all the parts: the services in this process
+directly, and each device through its own endpoint on a free port of 127.0.0.1, which the line
+reads at every scrape (`services.metrics`).
 """
 
 from __future__ import annotations
@@ -35,15 +39,18 @@ import structlog
 
 from sdrm import messages
 from services import config as cfg
-from services.broker import BrokerError, LocalBroker
+from services.broker import BrokerError, LocalBroker, free_port
 from services.bus import Bus, Incoming, now_ms
 from services.common import StartupError
+from services.metrics import MetricsGroup, RemoteMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.line")
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPOSITORY / "samples" / "boards"
+TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
+SECURITY_OPTIONS = ("username", "password_file", *TLS_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a whole inspection line locally: broker, scheduler, devices, compressor, aggregator and ingest.",
     )
     cfg.add_common_options(parser)
+    cfg.add_metrics_options(parser)
     parser.set_defaults(broker=None, log_level="warning")
     for action in parser._actions:  # noqa: SLF001 - adjust the shared help texts to the line's defaults
         if action.dest == "broker":
-            action.help = "use this MQTT broker (mqtt://host:port) instead of starting one on 127.0.0.1"
+            action.help = (
+                "use this MQTT broker (mqtt://host:port or mqtts://host:port) instead of starting an anonymous one on 127.0.0.1"
+            )
         if action.dest == "log_level":
             action.help = "lowest log level of the services, written to stderr (default warning)"
+        if action.dest == "metrics_port":
+            action.help = "serve the Prometheus metrics of all the line's services, devices included, on this TCP port (default 0: off)"
     parser.add_argument(
         "--source", default=str(DEFAULT_SOURCE), help="image folder, video file, stream URL or camera index (default samples/boards)"
     )
@@ -127,6 +139,7 @@ class Line:
         validate_id("camera", config.camera)
         if not Path(config.model, "manifest.json").is_file():
             raise StartupError(f"model not found: {config.model}/manifest.json is missing; pass --model DIR or set SDRM_MODEL")
+        self.security = broker_security(config)
         self.broker: LocalBroker | None = None
         self.devices: dict[str, subprocess.Popen] = {}
         self.threads: list[tuple[str, threading.Thread, threading.Event]] = []
@@ -140,6 +153,7 @@ class Line:
         self.source_done = threading.Event()
         self._lock = threading.Lock()
         self.failures: list[str] = []
+        self.metrics = MetricsGroup()
 
     # Parts ---------------------------------------------------------------------------------------
 
@@ -152,6 +166,11 @@ class Line:
         ]
         if self.config.log_json:
             argv.append("--log-json")
+        # The password itself reaches the services through SDRM_PASSWORD in the inherited environment, never argv.
+        for option in SECURITY_OPTIONS:
+            value = getattr(self.config, option, None)
+            if value:
+                argv += ["--" + option.replace("_", "-"), str(value)]
         return argv
 
     def _start_thread(self, name: str, module, argv: list[str]) -> None:
@@ -164,6 +183,7 @@ class Line:
             "compressor": lambda: module.Compressor(config, stop),
         }[name]
         service = factory()
+        self.metrics.add(service.metrics)
 
         def target() -> None:
             try:
@@ -184,9 +204,24 @@ class Line:
             "--device", device,
             "--model", str(self.config.model),
             "--threads", "1",
+            *self._device_metrics_argv(),
         ]
         self.devices[device] = subprocess.Popen(command, cwd=REPOSITORY)
         log.info("device_started", device=device, pid=self.devices[device].pid)
+
+    def _device_metrics_argv(self) -> list[str]:
+        """Return a device's metrics options: a free port of 127.0.0.1 that the line's endpoint reads, or port 0.
+
+        Port 0 is passed explicitly so that SDRM_METRICS_PORT, which the line itself reads, does not
+        make every device try the line's port.
+        NOTE: the port is free when chosen but could be taken before the device binds it; the
+        device then exits with status 2.
+        """
+        if not self.config.metrics_port:
+            return ["--metrics-port", "0"]
+        port = free_port()
+        self.metrics.add(RemoteMetrics(f"http://127.0.0.1:{port}/metrics"))
+        return ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
 
     def _on_assignment(self, incoming: Incoming) -> None:
         if not incoming.payload:
@@ -283,7 +318,7 @@ class Line:
         model = ["--model", str(config.model)]
         monitor = Bus(
             topics=self.topics, broker=broker_url, line=config.line, service="line", instance=f"monitor-{now_ms()}",
-            status_topic=None, mqtt_version=config.mqtt_version,
+            status_topic=None, mqtt_version=config.mqtt_version, **self.security,
         )
         monitor.subscribe("assignment", self._on_assignment)
         monitor.subscribe("verdict", self._on_verdict, camera=config.camera)
@@ -337,6 +372,7 @@ class Line:
         except ValueError as error:
             print(f"sdrm line: {error}", file=sys.stderr)
             return 2
+        self.metrics.add(source.metrics)
 
         self.first_frame_ms = now_ms()
         result: list[int] = []
@@ -463,6 +499,24 @@ class Line:
             self.config.summary_json.parent.mkdir(parents=True, exist_ok=True)
             self.config.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
             print(f"  wrote {self.config.summary_json}", flush=True)
+
+
+def broker_security(config: argparse.Namespace) -> dict:
+    """Check the security options and return the Bus keyword arguments of the line's own clients.
+
+    The line's own broker listens on 127.0.0.1 without TLS and accepts any client, so TLS options
+    without --broker are an error. A username and password are passed on, and Mosquitto 2.0.11
+    without a password file accepts and ignores them.
+    NOTE: not checked with the amqtt fallback broker.
+    """
+    if config.broker is None:
+        tls_options = ["--" + option.replace("_", "-") for option in TLS_OPTIONS if getattr(config, option, None)]
+        if tls_options:
+            raise StartupError(
+                f"{', '.join(tls_options)} apply to an external broker, but no --broker is given and the line's own "
+                "broker has no TLS: pass --broker mqtts://host:8883, or unset them (SDRM_TLS_CA, SDRM_TLS_CERT, SDRM_TLS_KEY)"
+            )
+    return cfg.bus_connection(config)
 
 
 def source_problem(source: str) -> str | None:

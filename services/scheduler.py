@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import threading
+import time
 
 import structlog
 
@@ -25,6 +26,7 @@ from sdrm.schedule import HeadCost, Scheduler
 from services import config as cfg
 from services.bus import Bus, Incoming, now_ms
 from services.common import StartupError, parse_topic_message, run_main
+from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
 log = structlog.get_logger("sdrm.scheduler")
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Assign attention heads to the online devices from their status and load reports.",
     )
     cfg.add_common_options(parser)
+    cfg.add_metrics_options(parser)
     parser.add_argument("--id", default="scheduler", help="instance id (default scheduler)")
     parser.add_argument(
         "--threshold", type=cfg.fraction, default=0.8, help="load (busy ratio) at which a device is overloaded, in (0, 1] (default 0.8)"
@@ -126,8 +129,10 @@ class SchedulerService:
             mqtt_version=config.mqtt_version,
             keepalive_s=config.keepalive_s,
             info={"threshold": config.threshold, "heads": len(self.costs)},
+            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
+        self.metrics = ServiceMetrics(self.bus)
         self.log = log.bind(line=config.line, scheduler=config.id)
 
     # Network thread ------------------------------------------------------------------------------
@@ -138,25 +143,17 @@ class SchedulerService:
         try:
             self._restored = messages.parse(messages.Assignment, incoming.payload)
         except messages.MessageError as error:
-            self.counters.add("assignments_invalid")
-            self.log.warning("assignment_invalid", error=str(error))
+            self.bus.report_error("assignment_invalid", str(error), topic=incoming.topic)
             return
         self._restored_event.set()
 
     def _on_status(self, incoming: Incoming) -> None:
         if not incoming.payload:
             return
-        try:
-            status = messages.parse(messages.Status, incoming.payload)
-        except messages.MessageError as error:
-            self.counters.add("status_invalid")
-            self.log.warning("status_invalid", topic=incoming.topic, error=str(error))
+        status = parse_topic_message(incoming, messages.Status, "id", self.bus, "status_invalid", topic_id="device")
+        if status is None:
             return
-        device = incoming.ids["device"]
-        if status.id != device:
-            self.counters.add("status_invalid")
-            self.log.warning("status_invalid", topic=incoming.topic, error=f"status names device {status.id!r}")
-            return
+        device = status.id
         with self._lock:
             if self.scheduler is None:
                 self._early_status.append((status, incoming.received_ms))
@@ -169,7 +166,7 @@ class SchedulerService:
         )
 
     def _on_load(self, incoming: Incoming) -> None:
-        report = parse_topic_message(incoming, messages.LoadReport, "device", self.counters, self.log, "load_invalid")
+        report = parse_topic_message(incoming, messages.LoadReport, "device", self.bus, "load_invalid")
         if report is None:
             return
         with self._lock:
@@ -184,7 +181,10 @@ class SchedulerService:
         self.bus.subscribe("load", self._on_load)
         self.bus.start()
         try:
-            self.bus.wait_connected(10.0)
+            # Wait for the first connection in short steps, so that SIGTERM is honoured meanwhile.
+            deadline = time.monotonic() + 10.0
+            while not self.stop.is_set() and time.monotonic() < deadline and not self.bus.wait_connected(0.2):
+                pass
             self._restored_event.wait(self.config.restore_wait_ms / 1000)
             self._restored_event.set()
             self._create_scheduler()

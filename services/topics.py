@@ -4,6 +4,12 @@ topics.yaml at the repository root is the single source of truth for the topic t
 build every topic and subscription filter through a TopicMap instead of formatting strings
 themselves, and every id that goes into a topic passes `validate_id` first.
 
+Namespaces: the optional top-level `namespaces` key contains further topic trees with their own
+root, such as the Sparkplug B topics of the `sdrm sparkplug` bridge under `spBv1.0/{group}`.
+load_topics() always validates them, but adds a namespace's topics to the returned TopicMap only
+when asked to (`load_topics(namespaces=("sparkplug",))`). Topic names and templates are unique
+across all namespaces.
+
 Finding topics.yaml when no path is given:
 1. `<repository root>/topics.yaml`, found as the parent of this package's folder. This covers a
    source checkout and an editable install (`pip install -e .`).
@@ -31,13 +37,14 @@ from pydantic import BaseModel
 from sdrm import messages
 
 TOPICS_FILE = "topics.yaml"
-PLACEHOLDERS = ("line", "camera", "device", "service")
+PLACEHOLDERS = ("line", "camera", "device", "service", "group")
 MAX_ID_LENGTH = 64
-PAYLOAD_KINDS = ("binary:frame", "binary:blocks", "binary:partials", "image-or-binary:frame")
+PAYLOAD_KINDS = ("binary:frame", "binary:blocks", "binary:partials", "image-or-binary:frame", "protobuf:sparkplug-b")
 
 _REQUIRED_KEYS = {"template", "qos", "retain", "payload", "publishers", "subscribers", "description"}
 _OPTIONAL_KEYS = {"shared_group", "will"}
 _TOP_LEVEL_KEYS = {"version", "root", "topics"}
+_NAMESPACE_KEYS = {"root", "topics"}
 _PLACEHOLDER_LEVEL = re.compile(r"\{([^{}]*)\}")
 _WILL_STATES = get_args(messages.Status.model_fields["state"].annotation)
 
@@ -263,8 +270,10 @@ def default_topics_path() -> Path | Traversable:
     )
 
 
-def load_topics(path: str | Path | None = None) -> TopicMap:
+def load_topics(path: str | Path | None = None, namespaces: tuple[str, ...] = ()) -> TopicMap:
     """Load and validate topics.yaml; path None reads default_topics_path().
+
+    The returned map contains the topics of the main tree plus those of each named namespace.
 
     Raises TopicsError naming the file and the offending key for unreadable YAML, unknown or
     missing keys, QoS outside 0..2, unknown placeholders, wildcards, templates outside the root or
@@ -279,44 +288,79 @@ def load_topics(path: str | Path | None = None) -> TopicMap:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise TopicsError(f"{source}: invalid YAML: {error}") from None
-    return parse_topics(data, str(source))
+    return parse_topics(data, str(source), namespaces)
 
 
-def parse_topics(data: Any, source: str = "<memory>") -> TopicMap:
-    """Validate the loaded YAML document of a topics file and build its TopicMap."""
+def parse_topics(data: Any, source: str = "<memory>", namespaces: tuple[str, ...] = ()) -> TopicMap:
+    """Validate the loaded YAML document of a topics file and build its TopicMap.
+
+    Raises TopicsError when a requested namespace is missing from the document.
+    """
     if not isinstance(data, dict):
         raise TopicsError(
             f"{source}: expected a mapping with keys {sorted(_TOP_LEVEL_KEYS)}, got {type(data).__name__}"
         )
-    _check_keys(source, "top level", data, _TOP_LEVEL_KEYS, _TOP_LEVEL_KEYS)
+    _check_keys(source, "top level", data, _TOP_LEVEL_KEYS, _TOP_LEVEL_KEYS | {"namespaces"})
     if data["version"] != 1 or isinstance(data["version"], bool):
         raise TopicsError(f"{source}: unsupported version {data['version']!r}: this build reads version 1")
 
-    root = data["root"]
-    if not isinstance(root, str):
-        raise TopicsError(f"{source}: root must be a str such as 'sdrm/v1/{{line}}', got {root!r}")
-    _check_template(source, "root", root)
-
-    topics = data["topics"]
-    if not isinstance(topics, dict) or not topics:
-        raise TopicsError(f"{source}: topics must be a non-empty mapping of topic name -> entry")
-
-    specs: dict[str, TopicSpec] = {}
     templates: dict[str, str] = {}
-    for name, entry in topics.items():
-        spec = _parse_entry(source, root, name, entry)
-        if spec.template in templates:
+    root, specs = _parse_tree(source, "", data, templates)
+
+    extra = data.get("namespaces", {})
+    if not isinstance(extra, dict):
+        raise TopicsError(f"{source}: namespaces must be a mapping of namespace name -> {{root, topics}}")
+    trees: dict[str, dict[str, TopicSpec]] = {}
+    for namespace, tree in extra.items():
+        where = f"namespaces.{namespace}"
+        if not isinstance(tree, dict):
+            raise TopicsError(f"{source}: {where} must be a mapping with keys {sorted(_NAMESPACE_KEYS)}")
+        _check_keys(source, where, tree, _NAMESPACE_KEYS, _NAMESPACE_KEYS)
+        _, trees[namespace] = _parse_tree(source, where + ".", tree, templates)
+
+    for namespace in namespaces:
+        if namespace not in trees:
             raise TopicsError(
-                f"{source}: topics.{name}.template {spec.template!r} repeats topics.{templates[spec.template]}; "
-                f"every topic needs its own template"
+                f"{source}: namespace {namespace!r} not found: the namespaces are {', '.join(trees) or 'none'}"
             )
-        templates[spec.template] = name
-        specs[name] = spec
+        for name, spec in trees[namespace].items():
+            if name in specs:
+                raise TopicsError(
+                    f"{source}: topic name {name!r} of namespace {namespace!r} repeats a topic name of the main tree"
+                )
+            specs[name] = spec
     return TopicMap(root, specs, source)
 
 
-def _parse_entry(source: str, root: str, name: Any, entry: Any) -> TopicSpec:
-    where = f"topics.{name}"
+def _parse_tree(source: str, prefix: str, data: dict, templates: dict[str, str]) -> tuple[str, dict[str, TopicSpec]]:
+    """Parse the root and topics of one tree; prefix is "" for the main tree or "namespaces.<name>.".
+
+    templates maps every template parsed so far to the key path of its entry, and gains this tree's.
+    """
+    root = data["root"]
+    if not isinstance(root, str):
+        raise TopicsError(f"{source}: {prefix}root must be a str such as 'sdrm/v1/{{line}}', got {root!r}")
+    _check_template(source, f"{prefix}root", root)
+
+    topics = data["topics"]
+    if not isinstance(topics, dict) or not topics:
+        raise TopicsError(f"{source}: {prefix}topics must be a non-empty mapping of topic name -> entry")
+
+    specs: dict[str, TopicSpec] = {}
+    for name, entry in topics.items():
+        spec = _parse_entry(source, root, name, entry, prefix)
+        if spec.template in templates:
+            raise TopicsError(
+                f"{source}: {prefix}topics.{name}.template {spec.template!r} repeats {templates[spec.template]}; "
+                f"every topic needs its own template"
+            )
+        templates[spec.template] = f"{prefix}topics.{name}"
+        specs[name] = spec
+    return root, specs
+
+
+def _parse_entry(source: str, root: str, name: Any, entry: Any, prefix: str = "") -> TopicSpec:
+    where = f"{prefix}topics.{name}"
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise TopicsError(f"{source}: invalid topic name {name!r}: use lower_snake_case")
     if not isinstance(entry, dict):
