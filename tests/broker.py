@@ -23,7 +23,7 @@ import pytest
 
 from sdrm import messages
 from services.broker import LocalBroker, find_mosquitto, free_port, mosquitto_config, wait_for_port
-from services.bus import Bus, Incoming
+from services.bus import Bus, Incoming, wait_published
 from services.topics import load_topics
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -139,6 +139,16 @@ class Probe:
     def verdicts(self) -> list[messages.Verdict]:
         return [messages.parse(messages.Verdict, item.payload) for item in self.messages("verdict")]
 
+    def settled_verdicts(self, sent: list[int], timeout_s: float, settle_s: float = 1.0) -> tuple[list, list[int]]:
+        """Wait until every frame in sent has a verdict, then settle_s more for duplicates.
+
+        Returns (all verdicts received, frames of sent still without a verdict).
+        """
+        self.wait_for(lambda: set(sent) <= {v.frame for v in self.verdicts()}, timeout_s)
+        time.sleep(settle_s)
+        verdicts = self.verdicts()
+        return verdicts, sorted(set(sent) - {v.frame for v in verdicts})
+
     def assignments(self) -> list[messages.Assignment]:
         return [messages.parse(messages.Assignment, item.payload) for item in self.messages("assignment") if item.payload]
 
@@ -191,7 +201,7 @@ class Services:
 class FrameFeeder:
     """Publishes SDRM FRAME messages of one image at a fixed rate from a thread, recording frame numbers."""
 
-    def __init__(self, bus: Bus, line: str, camera: str, image: Path, period_s: float) -> None:
+    def __init__(self, bus: Bus, line: str, camera: str, image: Path, period_s: float, live: bool = False) -> None:
         from sdrm import wire
 
         self._wire = wire
@@ -200,6 +210,8 @@ class FrameFeeder:
         self.camera = camera
         self.image_bytes = image.read_bytes()
         self.period_s = period_s
+        # A live feeder marks its frames as ingest does for a camera, so the compressor may skip them.
+        self.properties = {"expiry_s": 5, "user_properties": {"sdrm-source": "live"}} if live else {}
         self.sent: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"feeder-{camera}", daemon=True)
@@ -215,9 +227,11 @@ class FrameFeeder:
                 kind=self._wire.Kind.FRAME, line=self.line, camera=self.camera, frame=frame,
                 capture_ms=time.time_ns() // 1_000_000,
             )
-            info = self.bus.publish("frame", self._wire.encode_frame(envelope, self.image_bytes, "jpeg"), camera=self.camera)
+            payload = self._wire.encode_frame(envelope, self.image_bytes, "jpeg")
+            info = self.bus.publish("frame", payload, camera=self.camera, **self.properties)
             if info is not None:
-                info.wait_for_publish(5.0)
+                # wait_published, unlike paho's wait_for_publish, tolerates a broker that is down.
+                wait_published([info], 5.0)
                 self.sent.append(frame)
             frame += 1
             self._stop.wait(self.period_s)

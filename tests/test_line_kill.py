@@ -1,4 +1,5 @@
-"""A device killed with SIGKILL: its heads move within 5 s and every frame in flight gets a verdict."""
+"""A device killed with SIGKILL: its heads move within 5 s, every frame in flight gets a verdict,
+and the restarted device gets heads again while the old session's will cannot mark it offline."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import pytest
 
+from sdrm import messages
 from tests.broker import SAMPLES, FrameFeeder, Probe, Services, model_dir, mqtt_broker  # noqa: F401 - pytest fixtures
 
 pytestmark = pytest.mark.slow
@@ -58,10 +60,32 @@ def test_killed_device_heads_move(mqtt_broker, model_dir, tmp_path):
         assert set(frames) == set(sent)
         statuses = {v.status for v in verdicts}
         assert statuses <= {"complete", "incomplete"}
+
+        wills = [
+            messages.parse(messages.Status, m.payload)
+            for m in probe.messages("device_status")
+            if m.ids["device"] == "dev2" and m.payload
+        ]
+        old_will = [status for status in wills if status.state == "offline"]
+        assert old_will, "the broker did not publish dev2's will after SIGKILL"
+
+        services.start("dev2-return", "device", "--device", "dev2", "--threads", "1")
+        returned = time.monotonic()
+        back = probe.wait_for(lambda: [a for a in probe.assignments() if a.epoch > moved[0].epoch and "dev2" in a.heads.values()], 30.0)
+        rejoin_s = time.monotonic() - returned
+        assert back, f"the restarted dev2 got no heads within 30 s\n{services.log('scheduler')[-2000:]}"
+
+        # A will of the killed session that arrives late must not mark the new session offline.
+        probe.bus.publish("device_status", messages.to_json(old_will[-1]), device="dev2")
+        time.sleep(3.0)
+        latest = max(probe.assignments(), key=lambda a: a.epoch)
+        assert "dev2" in latest.heads.values(), "a stale will took dev2's heads away"
+        assert "status_stale" in services.log("scheduler") or "applied=False" in services.log("scheduler")
         print(
             f"reassigned {reassign_s:.2f} s after SIGKILL; {len(sent)} frames, "
             f"{sum(v.status == 'incomplete' for v in verdicts)} incomplete, "
-            f"missing heads {[v.missing_heads for v in verdicts if v.missing_heads]}"
+            f"missing heads {[v.missing_heads for v in verdicts if v.missing_heads]}; "
+            f"restarted dev2 had heads again after {rejoin_s:.2f} s"
         )
     finally:
         if feeder is not None:

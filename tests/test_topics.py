@@ -50,6 +50,7 @@ def test_topics_expected_names(topics):
         "verdict",
         "verdict_last",
         "service_status",
+        "errors",
     }
 
 

@@ -1,0 +1,85 @@
+"""Services started before the broker wait for it, and a broker restart mid-stream stops no service.
+
+Each test starts and restarts its own Mosquitto on one fixed loopback port, because the services
+must find the restarted broker at the address they were given.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.broker import LocalBroker, find_mosquitto, free_port
+from tests.broker import SAMPLES, FrameFeeder, Probe, Services, model_dir  # noqa: F401 - pytest fixtures
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(find_mosquitto() is None, reason="needs the mosquitto binary (apt-get install mosquitto)"),
+]
+
+LINE = "restart"
+BOARD = SAMPLES / "ok" / "12100036_temp.jpg"
+SERVICES = ["scheduler", "aggregator", "compressor", "dev1", "dev2"]
+
+
+def start_line(services: Services) -> None:
+    services.start("scheduler", "scheduler")
+    services.start("aggregator", "aggregator", "--deadline-ms", "3000")
+    services.start("compressor", "compressor")
+    for device in ("dev1", "dev2"):
+        services.start(device, "device", "--device", device, "--threads", "1")
+
+
+def cam_verdicts(probe: Probe, after_frame: int = -1) -> list:
+    return [v for v in probe.verdicts() if v.camera == "cam1" and v.frame > after_frame]
+
+
+def test_broker_late_start_and_restart(model_dir, tmp_path):
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    services = Services(url, LINE, model_dir, tmp_path)
+    broker = None
+    probe = None
+    feeder = None
+    try:
+        start_line(services)
+        time.sleep(4.0)
+        for name in SERVICES:
+            assert services.alive(name), f"{name} exited while the broker was missing\n{services.log(name)[-2000:]}"
+
+        broker = LocalBroker(port=port).start()
+        probe = Probe(url, LINE, ["verdict", "assignment"])
+        feeder = FrameFeeder(probe.bus, LINE, "cam1", BOARD, period_s=0.5).start()
+        first = probe.wait_for(lambda: cam_verdicts(probe), 60.0)
+        assert first, f"no verdict after the broker came up\n{services.log('compressor')[-2000:]}"
+
+        broker.stop()
+        stopped = time.monotonic()
+        time.sleep(3.0)
+        broker = LocalBroker(port=port).start()
+        restarted = time.monotonic()
+        last_before = max(v.frame for v in cam_verdicts(probe))
+
+        resumed = probe.wait_for(lambda: cam_verdicts(probe, last_before), 10.0)
+        resume_s = time.monotonic() - restarted
+        assert resumed, f"no verdict within 10 s of the broker restart\n{services.log('aggregator')[-3000:]}"
+
+        assignment = Probe(url, LINE, ["assignment"])
+        try:
+            retained = assignment.wait_for(lambda: assignment.assignments(), 10.0)
+        finally:
+            assignment.close()
+        assert retained, "no retained assignment after the restart: the scheduler did not publish it again"
+
+        for name in SERVICES:
+            assert services.alive(name), f"{name} exited during the broker restart\n{services.log(name)[-2000:]}"
+        print(f"broker down {restarted - stopped:.1f} s; first verdict {resume_s:.2f} s after the restart")
+    finally:
+        if feeder is not None:
+            feeder.stop()
+        services.stop_all()
+        if probe is not None:
+            probe.close()
+        if broker is not None:
+            broker.stop()
