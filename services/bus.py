@@ -262,6 +262,7 @@ class Bus:
         self.manual_ack = manual_ack
         self._connection = 0
         self._state = "online"
+        self._connect_hooks: list[Callable[[], None]] = []
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(max_queued)
         self._client.on_connect = self._on_connect
@@ -385,6 +386,20 @@ class Bus:
             self._send_subscribe(subscription.topic_filter, subscription.qos)
         self._connected.set()
         self._log.info("connected", session_epoch=self.session_epoch, subscriptions=len(subscriptions))
+        for hook in list(self._connect_hooks):
+            try:
+                hook()
+            except Exception as error:  # noqa: BLE001 - a hook bug must not stop the network thread
+                self.counters.add("handler_error.connect_hook")
+                self._log.exception("connect_hook_failed", error=str(error))
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Call hook in the network thread after every accepted connection, once the subscriptions are sent.
+
+        A service republishes its own retained state there (the scheduler its assignment), because
+        a broker restarted without persistence has lost it.
+        """
+        self._connect_hooks.append(hook)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()

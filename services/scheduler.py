@@ -132,6 +132,7 @@ class SchedulerService:
             **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
+        self._assignment_payload: bytes | None = None  # the last published assignment, republished on reconnect
         self.metrics = ServiceMetrics(self.bus)
         self.log = log.bind(line=config.line, scheduler=config.id)
 
@@ -145,6 +146,7 @@ class SchedulerService:
         except messages.MessageError as error:
             self.bus.report_error("assignment_invalid", str(error), topic=incoming.topic)
             return
+        self._assignment_payload = bytes(incoming.payload)
         self._restored_event.set()
 
     def _on_status(self, incoming: Incoming) -> None:
@@ -173,10 +175,17 @@ class SchedulerService:
             if self.scheduler is not None:
                 self.scheduler.observe_load(report, received_ms=incoming.received_ms)
 
+    def _republish_assignment(self) -> None:
+        payload = self._assignment_payload
+        if payload is not None:
+            self.bus.publish("assignment", payload)
+            self.log.info("assignment_republished", bytes=len(payload))
+
     # Main loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
         self.bus.subscribe("assignment", self._on_assignment)
+        self.bus.on_connect(self._republish_assignment)
         self.bus.subscribe("device_status", self._on_status)
         self.bus.subscribe("load", self._on_load)
         self.bus.start()
@@ -238,7 +247,8 @@ class SchedulerService:
         if decision is None:
             return
         assignment = decision.to_assignment()
-        self.bus.publish("assignment", messages.to_json(assignment))
+        self._assignment_payload = messages.to_json(assignment)
+        self.bus.publish("assignment", self._assignment_payload)
         self.bus.update_info(epoch=decision.epoch)
         self.counters.add("assignments_published")
         self.log.info(

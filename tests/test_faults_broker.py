@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from sdrm import messages
 from services.broker import LocalBroker, find_mosquitto, free_port
 from tests.broker import SAMPLES, FrameFeeder, Probe, Services, model_dir  # noqa: F401 - pytest fixtures
 
@@ -65,12 +66,22 @@ def test_broker_late_start_and_restart(model_dir, tmp_path):
         resume_s = time.monotonic() - restarted
         assert resumed, f"no verdict within 10 s of the broker restart\n{services.log('aggregator')[-3000:]}"
 
-        assignment = Probe(url, LINE, ["assignment"])
+        # The restarted broker has no persistence, so every retained message below was published again.
+        fresh = Probe(url, LINE, ["assignment", "service_status", "device_status"])
         try:
-            retained = assignment.wait_for(lambda: assignment.assignments(), 10.0)
+            retained = fresh.wait_for(lambda: fresh.assignments(), 10.0)
+
+            def online_ids():
+                statuses = [messages.parse(messages.Status, m.payload) for m in fresh.received if "status" in m.name and m.payload]
+                return {s.id for s in statuses if s.state == "online"}
+
+            fresh.wait_for(lambda: {"scheduler", "aggregator", "compressor", "dev1", "dev2"} <= online_ids(), 10.0)
+            online = online_ids()
         finally:
-            assignment.close()
+            fresh.close()
         assert retained, "no retained assignment after the restart: the scheduler did not publish it again"
+        for name in ("scheduler", "aggregator", "compressor", "dev1", "dev2"):
+            assert name in online, f"{name} did not publish its retained online status again"
 
         for name in SERVICES:
             assert services.alive(name), f"{name} exited during the broker restart\n{services.log(name)[-2000:]}"
