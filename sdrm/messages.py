@@ -229,6 +229,9 @@ class FrameInfo(_Message):
     compressor: str = ""
     error: str | None = None
     expired: bool = False  # with error: skipped as too old (overload or message expiry), not invalid
+    # True when `frame` comes from the sender (sdrm ingest counts 0, 1, 2, ...), so a gap means a
+    # lost frame. Plain images and unreadable payloads are numbered by the compressor instead.
+    numbered_by_source: bool = False
 
 
 class ErrorReport(_Message):

@@ -26,6 +26,11 @@ an "incomplete" verdict.
 NOTE: after a SIGKILL, frames that were collecting heads at that moment get no verdict, because
 their acknowledged messages lived only in the dead process.
 
+A frame that never reached a compressor (the broker dropped it, for example right after a restart
+without persistence, before the compressors subscribed again) has no FrameInfo, so it cannot get a
+verdict. The aggregator finds such frames from gaps in the frame numbers that `sdrm ingest` gives
+each camera (`sdrm.sequence`), and counts and reports them as `frames_lost` on its errors topic.
+
 Partials that arrive without a FrameInfo wait until the deadline and then give an "error" verdict
 (the announcement was lost). QoS 1 duplicates (the same head of the same frame and epoch twice)
 and partials that arrive after the frame's verdict are counted and dropped.
@@ -50,6 +55,7 @@ import torch
 
 from sdrm import messages, wire
 from sdrm.inference import decide
+from sdrm.sequence import FrameGaps
 from services import config as cfg
 from services.bus import Bus, Incoming, Inbox, now_ms
 from services.common import load_model, parse_topic_message, run_main, set_threads
@@ -122,6 +128,7 @@ class Aggregator:
         self.model_version = str(self.manifest.get("version", "unknown"))
         self.inbox = Inbox(config.queue_size)
         self.pending: dict[FrameKey, _Pending] = {}
+        self.gaps = FrameGaps(grace_s=config.deadline_ms / 1000)
         self.done: collections.OrderedDict[FrameKey, str] = collections.OrderedDict()
         self.verdicts = 0
 
@@ -224,6 +231,8 @@ class Aggregator:
         if info is None:
             return
         key = (info.camera, info.frame, info.epoch, info.capture_ms)
+        if info.numbered_by_source:
+            self._report_lost(self.gaps.observe(info.camera, info.frame, info.capture_ms, time.monotonic()))
         if key in self.done:
             self.counters.add("frame_info_duplicate")
             return
@@ -338,8 +347,18 @@ class Aggregator:
         )
         self._publish(key, verdict)
 
+    def _report_lost(self, runs: list) -> None:
+        for run in runs:
+            self.counters.add("frames_lost", run.count)
+            error = (
+                f"frames {run.first}..{run.last} ({run.count}) of camera {run.camera} never reached a compressor, "
+                f"so they got no verdict: the broker dropped them (a restart without persistence, or no compressor subscribed)"
+            )
+            self.bus.report_error("frames_lost", error, camera=run.camera, first_frame=run.first, last_frame=run.last)
+
     def _expire(self) -> None:
         now = time.monotonic()
+        self._report_lost(self.gaps.expired(now))
         for key, item in list(self.pending.items()):
             if item.deadline > now:
                 continue

@@ -101,6 +101,7 @@ class _Arrival:
     plain: str | None  # "jpeg" or "png" for a plain image, None for an SDRM message or garbage
     live: bool = False
     sequence: int = 0  # arrival order, to find the newest waiting frame of a live camera
+    numbered_by_source: bool = False  # the frame number came from the sender's FRAME envelope
 
 
 class FrameError(ValueError):
@@ -172,7 +173,8 @@ class Compressor:
         if plain is None:
             try:
                 envelope = wire.peek_envelope(payload)
-                return _Arrival(incoming, camera, envelope.frame, envelope.capture_ms or incoming.received_ms, None)
+                capture_ms = envelope.capture_ms or incoming.received_ms
+                return _Arrival(incoming, camera, envelope.frame, capture_ms, None, numbered_by_source=True)
             except wire.WireError:
                 pass
         with self._plain_lock:
@@ -211,10 +213,21 @@ class Compressor:
                 if arrival is None:
                     continue
                 self._handle(arrival)
+            self._reject_waiting()
         finally:
             self.bus.close(info={"counters": self.counters.snapshot()})
             self.log.info("compressor_stopped", counters=self.counters.snapshot())
         return 0
+
+    def _reject_waiting(self) -> None:
+        """Give every frame still in the inbox at a stop an error FrameInfo, so each still gets its verdict."""
+        rejected = 0
+        while (arrival := self.inbox.get(timeout=0)) is not None:
+            self._publish_error(arrival, f"compressor {self.config.id} stopped before it inspected this frame")
+            rejected += 1
+        if rejected:
+            self.counters.add("dropped.frame.stopped", rejected)
+            self.log.warning("frames_rejected_at_stop", frames=rejected)
 
     def _handle(self, arrival: _Arrival) -> None:
         stale = self._stale_reason(arrival)
@@ -360,6 +373,7 @@ class Compressor:
             latency_ms={name: round(ms, 3) for name, ms in timings},
             sent_ms=now_ms(),
             compressor=self.config.id,
+            numbered_by_source=arrival.numbered_by_source,
         )
         self.bus.publish("frame_info", messages.to_json(info), camera=arrival.camera)
         for device, payload in payloads.items():
@@ -401,6 +415,7 @@ class Compressor:
             phi=self.phi,
             sent_ms=now_ms(),
             compressor=self.config.id,
+            numbered_by_source=arrival.numbered_by_source,
             error=error,
             expired=expired,
         )

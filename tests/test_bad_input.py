@@ -162,8 +162,27 @@ def test_bad_message_rejected_and_reported(line, case):
 
 def test_invalid_frames_get_error_verdicts(line):
     _, probe = line
-    frames = {v.frame: v for v in probe.verdicts()}
+    frames = {v.frame: v for v in probe.verdicts() if v.camera == "cam1"}
     for frame in (2, 3, 4):
         assert frame in frames, f"bad frame {frame} got no verdict"
         assert frames[frame].status == "error"
         assert frames[frame].label == "defect"
+
+
+def test_lost_frames_reported(line):
+    """Frames 2 and 3 of a camera never arrive: the aggregator reports them from the gap in the numbers."""
+    services, probe = line
+    for frame in (0, 1, 4):
+        probe.bus.publish("frame", frame_message(frame, BOARD.read_bytes(), camera="cam9"), camera="cam9")
+
+    def lost_report():
+        for message in probe.messages("errors"):
+            report = messages.parse(messages.ErrorReport, message.payload)
+            if report.kind == "frames_lost" and report.ids.get("camera") == "cam9":
+                return report
+        return None
+
+    report = probe.wait_for(lost_report, 30.0)
+    assert report, f"no frames_lost report for cam9\n{services.log('aggregator')[-2000:]}"
+    assert report.ids["first_frame"] == 2
+    assert report.ids["last_frame"] == 3
