@@ -370,9 +370,11 @@ class Bus:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = True
-            self.counters.add("connect.refused")
+            count = self.counters.add("connect.refused")
             hint = AUTH_FAILURE_HINT if reason_code.value in AUTH_FAILURE_CODES else None
-            self._log.error("connect_refused", reason=str(reason_code), username=self.username, hint=hint)
+            # Retries repeat every few seconds, so only the first and every 60th refusal are errors.
+            log_event = self._log.error if count == 1 or count % 60 == 0 else self._log.debug
+            log_event("connect_refused", reason=str(reason_code), username=self.username, hint=hint, count=count)
             return
         self._accepted = True
         self._connection += 1
@@ -421,9 +423,8 @@ class Bus:
         # and with a plain PUBACK under MQTT 3.1.1, while it drops the message in both cases.
         if not reason_code.is_failure:
             return
-        count = self.counters.add("publish.rejected")
-        log_event = self._log.error if count == 1 else self._log.debug
-        log_event("publish_rejected", mid=mid, reason=str(reason_code), username=self.username, count=count)
+        error = f"the broker rejected a PUBLISH (packet id {mid}): {reason_code}; check the ACL for user {self.username!r}"
+        self.report_error("publish_rejected", error)
 
     def _send_subscribe(self, topic_filter: str, qos: int) -> None:
         # The lock is held across subscribe() so that the SUBACK cannot arrive before its packet id is stored.
@@ -559,17 +560,16 @@ class Bus:
         Without a status topic (a monitor client) nothing is published.
         """
         count = self.counters.add(f"errors.{kind}")
-        self._log.warning(kind, topic=topic, error=error, count=count, **ids)
-        if self._status_topic is None or not self._connected.is_set():
-            return
-
         now = time.monotonic()
         with self._lock:
             last, suppressed = self._error_reports.get(kind, (-ERROR_REPORT_INTERVAL_S, 0))
-            if now - last < ERROR_REPORT_INTERVAL_S:
-                self._error_reports[kind] = (last, suppressed + 1)
-                return
-            self._error_reports[kind] = (now, 0)
+            due = now - last >= ERROR_REPORT_INTERVAL_S
+            self._error_reports[kind] = (now, 0) if due else (last, suppressed + 1)
+        # Repeats within the interval are logged at debug, so a flood of bad input cannot flood the log.
+        log_event = self._log.warning if due else self._log.debug
+        log_event(kind, topic=topic, error=error, count=count, **ids)
+        if not due or self._status_topic is None or not self._connected.is_set():
+            return
 
         # Reports leave the process, so credentials in URLs (an RTSP source) are masked as in the logs.
         report_ids = {

@@ -460,7 +460,10 @@ class Line:
         if verdict_ms and getattr(self, "first_frame_ms", None):
             elapsed_s = max(verdict_ms.values()) - self.first_frame_ms
             elapsed_s = elapsed_s / 1000 if elapsed_s > 0 else None
-        statuses = {status: sum(1 for v in verdicts.values() if v.status == status) for status in ("complete", "incomplete", "error")}
+        statuses = {
+            status: sum(1 for v in verdicts.values() if v.status == status)
+            for status in ("complete", "incomplete", "error", "expired")
+        }
         return {
             "source": str(self.config.source),
             "devices": self.config.devices,

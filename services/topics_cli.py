@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sdrm topics",
         description="Print the MQTT topic tree of an SDRM line: template, QoS, retain, payload, publishers -> subscribers.",
+        epilog="`sdrm topics acl --help` shows how to write a Mosquitto ACL for the roles of a line.",
     )
     parser.add_argument("--topics", type=Path, default=None, help="topics file to read (default: the repository's topics.yaml)")
     parser.add_argument("--line", default=None, help="fill {line} with this line id, e.g. line1")
@@ -52,9 +53,9 @@ def build_acl_parser() -> argparse.ArgumentParser:
     roles_help = {
         "camera": "camera id whose ingest (or smart camera) publishes its frames and status",
         "device": "device id that reads its blocks and publishes its partials, load and status",
-        "compressor": "compressor id (its --id, default compressor)",
-        "aggregator": "aggregator id (its --id, default aggregator)",
-        "scheduler": "scheduler id (its --id, default scheduler)",
+        "compressor": "compressor id, the service's --id (the service's default id is compressor)",
+        "aggregator": "aggregator id, the service's --id (the service's default id is aggregator)",
+        "scheduler": "scheduler id, the service's --id (the service's default id is scheduler)",
         "scada": "username of a read-only verdict reader (SCADA, MES, Node-RED)",
         "sparkplug": "username of the Sparkplug B bridge: reads verdicts and camera status, readwrite spBv1.0/#",
     }

@@ -146,7 +146,7 @@ def test_line_over_tls_with_password(secure_broker, model_dir, tmp_path):
         sys.executable, "-m", "sdrm.cli", "line", "--broker", secure_broker.tls_url, "--line", "line-sdrm",
         "--username", OBSERVER, "--tls-ca", str(certificates.ca), "--tls-cert", str(certificates.client_cert),
         "--tls-key", str(certificates.client_key), "--model", str(model_dir), "--devices", "1", "--max-frames", "2",
-        "--log-level", "debug", "--timeout-s", "60",
+        "--log-level", "debug", "--timeout-s", "60", "--deadline-ms", "10000",
     ]
     env = {**os.environ, "SDRM_PASSWORD": password, "PYTHONPATH": str(REPOSITORY)}
     result = subprocess.run(command, env=env, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
@@ -238,7 +238,7 @@ def test_camera_cannot_publish_other_camera(secure_broker):
         assert wait_until(lambda: b"last" in observer.payloads(f"sdrm/v1/{line}/cam/cam1/frame"), 5.0)
         assert observer.payloads(f"sdrm/v1/{line}/cam/cam2/frame") == []
         # Mosquitto 2.0.11 replies to the denied QoS 1 PUBLISH with PUBACK "Not authorized" under MQTT 5.
-        assert wait_until(lambda: camera.bus.counters.get("publish.rejected") == 1, 5.0)
+        assert wait_until(lambda: camera.bus.counters.get("errors.publish_rejected") == 1, 5.0)
     finally:
         camera.close()
         observer.close()
@@ -257,7 +257,7 @@ def test_camera_denied_silently_under_mqtt311(secure_broker):
         assert wait_until(lambda: b"last" in observer.payloads(f"sdrm/v1/{line}/cam/cam1/frame"), 5.0)
         assert observer.payloads(f"sdrm/v1/{line}/cam/cam2/frame") == []
         # MQTT 3.1.1 has no reason code in PUBACK, so the refusal is invisible to the publisher.
-        assert camera.bus.counters.get("publish.rejected") == 0
+        assert camera.bus.counters.get("errors.publish_rejected") == 0
     finally:
         camera.close()
         observer.close()
@@ -293,7 +293,7 @@ def test_device_cannot_publish_other_device(secure_broker):
         publish_and_wait(device, "partials", b"last", device="dev1")
         assert wait_until(lambda: b"last" in observer.payloads(f"sdrm/v1/{line}/dev/dev1/partials"), 5.0)
         assert observer.payloads(f"sdrm/v1/{line}/dev/dev2/partials") == []
-        assert wait_until(lambda: device.bus.counters.get("publish.rejected") == 1, 5.0)
+        assert wait_until(lambda: device.bus.counters.get("errors.publish_rejected") == 1, 5.0)
     finally:
         device.close()
         observer.close()
@@ -311,7 +311,7 @@ def test_device_reads_only_own_blocks(secure_broker):
         publish_and_wait(compressor, "blocks", b"last", device="dev1")
         assert wait_until(lambda: b"last" in device.payloads(f"sdrm/v1/{line}/dev/dev1/blocks"), 5.0)
         assert device.payloads(f"sdrm/v1/{line}/dev/dev2/blocks") == []
-        assert compressor.bus.counters.get("publish.rejected") == 0
+        assert compressor.bus.counters.get("errors.publish_rejected") == 0
     finally:
         compressor.close()
         device.close()
@@ -326,7 +326,7 @@ def test_scada_reads_verdicts_cannot_publish(secure_broker):
         assert wait_until(lambda: scada.payloads(f"sdrm/v1/{line}/verdict/cam1"), 5.0)
 
         publish_and_wait(scada, "verdict", verdict_payload("cam1", 99), camera="cam1")
-        assert wait_until(lambda: scada.bus.counters.get("publish.rejected") == 1, 5.0)
+        assert wait_until(lambda: scada.bus.counters.get("errors.publish_rejected") == 1, 5.0)
         publish_and_wait(aggregator, "verdict", verdict_payload("cam1", 2), camera="cam1")
         topic = f"sdrm/v1/{line}/verdict/cam1"
         assert wait_until(lambda: len(verdict_frames(scada, topic)) >= 2, 5.0)
@@ -377,7 +377,7 @@ def test_scheduler_reads_back_assignment(secure_broker):
         assignment = messages.Assignment(epoch=3, heads={0: "dev1"}, devices=["dev1"], ts_ms=1)
         publish_and_wait(scheduler, "assignment", messages.to_json(assignment))
         assert wait_until(lambda: scheduler.payloads(f"sdrm/v1/{line}/sched/assignment"), 5.0)
-        assert scheduler.bus.counters.get("publish.rejected") == 0
+        assert scheduler.bus.counters.get("errors.publish_rejected") == 0
     finally:
         scheduler.bus.clear_retained("assignment")
         scheduler.close()

@@ -162,6 +162,6 @@ def test_compose_broker_applies_acl(compose_dir, compose_broker):
         assert bus.start(wait_s=10.0)
         assert wait_published([bus.publish("frame", b"own", camera="cam1")], 5.0)
         assert wait_published([bus.publish("frame", b"other", camera="cam2")], 5.0)
-        assert wait_until(lambda: bus.counters.get("publish.rejected") == 1, 5.0)
+        assert wait_until(lambda: bus.counters.get("errors.publish_rejected") == 1, 5.0)
     finally:
         bus.close()
