@@ -51,6 +51,10 @@ class FrameGaps:
         self.grace_s = grace_s
         self._cameras: dict[str, _Camera] = {}
 
+    def tracks(self, camera: str) -> bool:
+        """Return whether camera's frame numbers are being tracked (it sent a numbered frame)."""
+        return camera in self._cameras
+
     def observe(self, camera: str, frame: int, capture_ms: int, now: float) -> list[LostFrames]:
         """Record that (camera, frame) arrived; return runs lost at once (jumps above MAX_TRACKED_GAP)."""
         state = self._cameras.get(camera)

@@ -65,6 +65,7 @@ from services.topics import load_topics, validate_id
 log = structlog.get_logger("sdrm.aggregator")
 
 DONE_MEMORY = 10_000  # verdicts remembered to recognise late partials
+LOST_GRACE_S = 10.0  # minimum wait before a missing frame number counts as lost
 
 # (camera, frame, epoch, capture_ms). The capture time keeps frames apart when a restarted ingest
 # counts its frame numbers from 0 again under the same assignment epoch.
@@ -128,7 +129,9 @@ class Aggregator:
         self.model_version = str(self.manifest.get("version", "unknown"))
         self.inbox = Inbox(config.queue_size)
         self.pending: dict[FrameKey, _Pending] = {}
-        self.gaps = FrameGaps(grace_s=config.deadline_ms / 1000)
+        # A frame resent by a publisher after a reconnect may come seconds after its successors,
+        # so a number counts as lost only after a grace period well beyond one deadline.
+        self.gaps = FrameGaps(grace_s=max(LOST_GRACE_S, 3 * config.deadline_ms / 1000))
         self.done: collections.OrderedDict[FrameKey, str] = collections.OrderedDict()
         self.verdicts = 0
 
@@ -348,13 +351,23 @@ class Aggregator:
         self._publish(key, verdict)
 
     def _report_lost(self, runs: list) -> None:
+        """Count lost frames and report them in one ErrorReport per camera, with ranges "first-last,...".
+
+        One report per call, because reports of one kind are rate-limited and separate runs found at
+        the same time would otherwise hide each other.
+        """
+        by_camera: dict[str, list] = collections.defaultdict(list)
         for run in runs:
-            self.counters.add("frames_lost", run.count)
+            by_camera[run.camera].append(run)
+        for camera, camera_runs in by_camera.items():
+            count = sum(run.count for run in camera_runs)
+            self.counters.add("frames_lost", count)
+            ranges = ",".join(f"{run.first}-{run.last}" for run in camera_runs)
             error = (
-                f"frames {run.first}..{run.last} ({run.count}) of camera {run.camera} never reached a compressor, "
-                f"so they got no verdict: the broker dropped them (a restart without persistence, or no compressor subscribed)"
+                f"{count} frames of camera {camera} ({ranges}) never reached a compressor, so they got no verdict: "
+                f"the broker dropped them (a restart without persistence, or no compressor subscribed)"
             )
-            self.bus.report_error("frames_lost", error, camera=run.camera, first_frame=run.first, last_frame=run.last)
+            self.bus.report_error("frames_lost", error, camera=camera, frames=count, ranges=ranges)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -365,6 +378,9 @@ class Aggregator:
             del self.pending[key]
             if item.info is None:
                 self.counters.add("frame_info_missing")
+                # The frame reached a compressor and gets a verdict here, so its number is no gap.
+                if self.gaps.tracks(item.camera):
+                    self.gaps.observe(item.camera, item.frame, item.capture_ms, now)
                 self._publish_error(
                     item.camera,
                     item.frame,

@@ -184,5 +184,5 @@ def test_lost_frames_reported(line):
 
     report = probe.wait_for(lost_report, 30.0)
     assert report, f"no frames_lost report for cam9\n{services.log('aggregator')[-2000:]}"
-    assert report.ids["first_frame"] == 2
-    assert report.ids["last_frame"] == 3
+    assert report.ids["ranges"] == "2-3"
+    assert report.ids["frames"] == 2

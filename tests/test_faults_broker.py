@@ -32,6 +32,19 @@ def start_line(services: Services) -> None:
         services.start(device, "device", "--device", device, "--threads", "1")
 
 
+def reported_lost(probe: Probe, camera: str) -> set[int]:
+    """Return the frame numbers that frames_lost reports of the aggregator name for camera."""
+    lost: set[int] = set()
+    for message in probe.messages("errors"):
+        report = messages.parse(messages.ErrorReport, message.payload)
+        if report.kind != "frames_lost" or report.ids.get("camera") != camera:
+            continue
+        for run in str(report.ids["ranges"]).split(","):
+            first, last = (int(value) for value in run.split("-"))
+            lost |= set(range(first, last + 1))
+    return lost
+
+
 def cam_verdicts(probe: Probe, after_frame: int = -1) -> list:
     return [v for v in probe.verdicts() if v.camera == "cam1" and v.frame > after_frame]
 
@@ -50,7 +63,7 @@ def test_broker_late_start_and_restart(model_dir, tmp_path):
             assert services.alive(name), f"{name} exited while the broker was missing\n{services.log(name)[-2000:]}"
 
         broker = LocalBroker(port=port).start()
-        probe = Probe(url, LINE, ["verdict", "assignment"])
+        probe = Probe(url, LINE, ["verdict", "assignment", "errors"])
         feeder = FrameFeeder(probe.bus, LINE, "cam1", BOARD, period_s=0.5).start()
         first = probe.wait_for(lambda: cam_verdicts(probe), 60.0)
         assert first, f"no verdict after the broker came up\n{services.log('compressor')[-2000:]}"
@@ -85,7 +98,24 @@ def test_broker_late_start_and_restart(model_dir, tmp_path):
 
         for name in SERVICES:
             assert services.alive(name), f"{name} exited during the broker restart\n{services.log(name)[-2000:]}"
-        print(f"broker down {restarted - stopped:.1f} s; first verdict {resume_s:.2f} s after the restart")
+
+        # From the first verdict on, every frame has a verdict or the aggregator reported it lost:
+        # frames that reached the restarted broker before a compressor had subscribed again have
+        # nowhere to go. Frames before the first verdict may have found no compressor at the start.
+        first_frame = min(v.frame for v in first)
+        sent = [frame for frame in feeder.stop() if frame >= first_frame]
+        verdicts, missing = probe.settled_verdicts(sent, 30.0, settle_s=12.0)
+        lost = reported_lost(probe, "cam1")
+        assert set(missing) <= lost, f"frames {sorted(set(missing) - lost)} got no verdict and were not reported lost"
+        wrongly_lost = lost & {v.frame for v in verdicts if v.camera == "cam1"}
+        assert not wrongly_lost, (
+            f"frames {sorted(wrongly_lost)} were reported lost but got a verdict: "
+            f"{[(v.frame, v.status, v.error) for v in verdicts if v.frame in wrongly_lost]}"
+        )
+        print(
+            f"broker down {restarted - stopped:.1f} s; first verdict {resume_s:.2f} s after the restart; "
+            f"{len(sent)} frames, {len(missing)} without verdict, {len(lost)} reported lost"
+        )
     finally:
         if feeder is not None:
             feeder.stop()
