@@ -57,7 +57,8 @@ from sdrm import messages, wire
 from sdrm.inference import decide
 from sdrm.sequence import FrameGaps
 from services import config as cfg
-from services.bus import Bus, Incoming, Inbox, now_ms
+from services.bus import Bus, Incoming, now_ms
+from services.inbox import Inbox
 from services.common import load_model, parse_topic_message, run_main, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id

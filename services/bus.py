@@ -27,7 +27,6 @@ A `Bus` owns one paho client and one network thread. It
 
 from __future__ import annotations
 
-import collections
 import itertools
 import ssl
 import threading
@@ -45,6 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from sdrm import messages
 from services.config import broker_uses_tls, mask_url_credentials, parse_broker
+from services.inbox import Counters
 from services.security import client_tls_context
 from services.topics import TopicMap
 
@@ -63,61 +63,6 @@ ERROR_REPORT_INTERVAL_S = 1.0  # at most one ErrorReport per kind and interval; 
 def now_ms() -> int:
     """Return the wall-clock time in epoch milliseconds (UTC)."""
     return time.time_ns() // 1_000_000
-
-
-class Counters:
-    """Thread-safe event counters by reason, e.g. counters.add("dropped.queue_full")."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: collections.Counter[str] = collections.Counter()
-
-    def add(self, name: str, amount: int = 1) -> int:
-        with self._lock:
-            self._values[name] += amount
-            return self._values[name]
-
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._values[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(sorted(self._values.items()))
-
-
-class Inbox:
-    """Bounded hand-off queue from the network thread to a worker thread.
-
-    `put` waits only for the inbox's lock, never for room: when the inbox is full it drops the
-    oldest item and returns it, so the caller can count it and report the loss downstream.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError(f"inbox size must be >= 1, got {maxsize}")
-        self.maxsize = maxsize
-        self._items: collections.deque = collections.deque()
-        self._ready = threading.Condition()
-
-    def put(self, item: Any) -> Any | None:
-        """Append item; return the dropped oldest item when the inbox was full, else None."""
-        with self._ready:
-            dropped = self._items.popleft() if len(self._items) >= self.maxsize else None
-            self._items.append(item)
-            self._ready.notify()
-            return dropped
-
-    def get(self, timeout: float | None = None) -> Any | None:
-        """Return the oldest item, or None when none arrives within timeout seconds."""
-        with self._ready:
-            if not self._items:
-                self._ready.wait(timeout)
-            return self._items.popleft() if self._items else None
-
-    def __len__(self) -> int:
-        with self._ready:
-            return len(self._items)
 
 
 @dataclass

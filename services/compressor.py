@@ -44,7 +44,8 @@ from sdrm.factors import factorize_heads
 from sdrm.inference import frame_to_tiles
 from sdrm.lowrank import METHODS
 from services import config as cfg
-from services.bus import Bus, Incoming, Inbox, now_ms
+from services.bus import Bus, Incoming, now_ms
+from services.inbox import Inbox
 from services.common import load_model, run_main, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id

@@ -37,7 +37,8 @@ import torch
 from sdrm import messages, wire
 from sdrm.blocksize import BlockSizeController
 from services import config as cfg
-from services.bus import Bus, Incoming, Inbox, now_ms
+from services.bus import Bus, Incoming, now_ms
+from services.inbox import Inbox
 from services.common import StartupError, load_model, run_main, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id

@@ -38,7 +38,8 @@ import sdrm
 from sdrm import messages, sparkplug
 from sdrm.sparkplug_metrics import camera_metrics, node_metrics
 from services import config as cfg
-from services.bus import Bus, Inbox, Incoming, Will, now_ms
+from services.bus import Bus, Incoming, Will, now_ms
+from services.inbox import Inbox
 from services.common import parse_topic_message, run_main
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id

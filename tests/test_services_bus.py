@@ -11,7 +11,8 @@ import pytest
 from sdrm import messages
 from sdrm.schedule import HeadCost, Scheduler
 from services.broker import LocalBroker, find_mosquitto
-from services.bus import Bus, Inbox
+from services.bus import Bus
+from services.inbox import Inbox
 from services.topics import load_topics
 from tests.broker import REPOSITORY, Probe, mqtt_broker  # noqa: F401 - pytest fixture
 
