@@ -57,9 +57,9 @@ from sdrm import messages, wire
 from sdrm.inference import decide
 from sdrm.sequence import FrameGaps
 from services import config as cfg
-from services.bus import Bus, Incoming, now_ms
+from services.bus import Incoming, now_ms
 from services.inbox import Inbox
-from services.common import load_model, parse_topic_message, run_main, set_threads
+from services.common import load_model, parse_topic_message, run_main, service_bus, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -136,19 +136,15 @@ class Aggregator:
         self.done: collections.OrderedDict[FrameKey, str] = collections.OrderedDict()
         self.verdicts = 0
 
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=config.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="aggregator",
             instance=config.id,
             status_ids={"service": config.id},
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
             info={"deadline_ms": config.deadline_ms, "model_version": self.model_version},
             session_expiry_s=max(config.session_expiry_s, 0),
             manual_ack=True,
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.metrics = ServiceMetrics(self.bus, queue=self.inbox)

@@ -502,7 +502,8 @@ class Bus:
 
         The counter is "errors.<kind>". Each kind is published at most once per
         ERROR_REPORT_INTERVAL_S, and the report counts the repeats suppressed since the last one.
-        Without a status topic (a monitor client) nothing is published.
+        Nothing is published without a status topic (a monitor client) or while disconnected, but
+        the count still grows, so the next report carries it.
         """
         count = self.counters.add(f"errors.{kind}")
         now = time.monotonic()

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import structlog
 
+from services import config as cfg
 from services.config import configure_logging, resolve
 from services.metrics import MetricsError, serve_metrics, stop_metrics
 
@@ -44,6 +45,25 @@ def parse_topic_message(incoming, model_cls, field: str, bus, event: str, topic_
         )
         return None
     return message
+
+
+def service_bus(config: argparse.Namespace, topics, **identity):
+    """Return the Bus of a service, connected as its common options set.
+
+    The options fill broker, line, MQTT version, keepalive, credentials, TLS and packet limit.
+    identity gives the service kind, instance id, status topic and the service's own Bus settings.
+    """
+    from services.bus import Bus
+
+    return Bus(
+        topics=topics,
+        broker=config.broker,
+        line=config.line,
+        mqtt_version=config.mqtt_version,
+        keepalive_s=config.keepalive_s,
+        **cfg.bus_connection(config),
+        **identity,
+    )
 
 
 class Service(Protocol):

@@ -44,9 +44,9 @@ from sdrm.factors import factorize_heads
 from sdrm.inference import frame_to_tiles
 from sdrm.lowrank import METHODS
 from services import config as cfg
-from services.bus import Bus, Incoming, now_ms
+from services.bus import Incoming, now_ms
 from services.inbox import Inbox
-from services.common import load_model, run_main, set_threads
+from services.common import load_model, run_main, service_bus, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -137,17 +137,13 @@ class Compressor:
         self._arrivals = itertools.count()
         self._newest_live: dict[str, int] = {}  # camera -> sequence of its newest live arrival
 
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=config.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="compressor",
             instance=config.id,
             status_ids={"service": config.id},
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
             info={"phi": self.phi, "method": self.method, "heads": self.heads},
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.metrics = ServiceMetrics(self.bus, queue=self.inbox)

@@ -37,9 +37,9 @@ import torch
 from sdrm import messages, wire
 from sdrm.blocksize import BlockSizeController
 from services import config as cfg
-from services.bus import Bus, Incoming, now_ms
+from services.bus import Incoming, now_ms
 from services.inbox import Inbox
-from services.common import StartupError, load_model, run_main, set_threads
+from services.common import StartupError, load_model, run_main, service_bus, set_threads
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -134,18 +134,14 @@ class Device:
         info = {"backend": self.torch_device.type, "threads": torch.get_num_threads()}
         if self.torch_device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.torch_device)
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=config.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="device",
             instance=config.device,
             status_topic="device_status",
             status_ids={"device": config.device},
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
             info=info,
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.metrics = ServiceMetrics(self.bus, queue=self.inbox)

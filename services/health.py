@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from sdrm import messages
 from services import config as cfg
 from services.bus import Bus, Incoming
+from services.common import service_bus
 from services.topics import TopicMap, load_topics, validate_id
 
 # The topics.yaml entry that each service kind publishes its liveness on.
@@ -123,16 +124,12 @@ def check(config: argparse.Namespace) -> HealthResult:
             received.append(incoming.payload)
             arrived.set()
 
-    bus = Bus(
-        topics=topics,
-        broker=config.broker,
-        line=config.line,
+    bus = service_bus(
+        config,
+        topics,
         service="health",
         instance=f"{config.service}-{config.id}-{os.urandom(3).hex()}",  # unique if checks overlap
         status_topic=None,
-        mqtt_version=config.mqtt_version,
-        keepalive_s=config.keepalive_s,
-        **cfg.bus_connection(config),
     )
     bus.subscribe(name, on_status, **ids)
     deadline = time.monotonic() + config.timeout_s

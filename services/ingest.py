@@ -51,8 +51,8 @@ import structlog
 
 from sdrm import wire
 from services import config as cfg
-from services.bus import Bus, now_ms, published, wait_published
-from services.common import run_main
+from services.bus import now_ms, published, wait_published
+from services.common import run_main, service_bus
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -166,19 +166,15 @@ class Ingest:
 
         self.frame = 0
         self.published = 0
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=config.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="ingest",
             instance=config.camera,
             status_topic="camera_status",
             status_ids={"camera": config.camera},
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
             max_inflight=config.max_inflight,
             info={"source": self.kind},
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.log = log.bind(line=config.line, camera=config.camera)

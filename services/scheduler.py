@@ -24,8 +24,8 @@ import structlog
 from sdrm import messages
 from sdrm.schedule import HeadCost, Scheduler
 from services import config as cfg
-from services.bus import Bus, Incoming, now_ms
-from services.common import StartupError, parse_topic_message, run_main
+from services.bus import Incoming, now_ms
+from services.common import StartupError, parse_topic_message, run_main, service_bus
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -119,17 +119,13 @@ class SchedulerService:
         # Status messages that arrive before the scheduler exists (while the retained assignment is read).
         self._early_status: list[tuple[messages.Status, int]] = []
 
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=config.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="scheduler",
             instance=config.id,
             status_ids={"service": config.id},
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
             info={"threshold": config.threshold, "heads": len(self.costs)},
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self._assignment_payload: bytes | None = None  # the last published assignment, republished on reconnect

@@ -38,9 +38,9 @@ import sdrm
 from sdrm import messages, sparkplug
 from sdrm.sparkplug_metrics import camera_metrics, node_metrics
 from services import config as cfg
-from services.bus import Bus, Incoming, Will, now_ms
+from services.bus import Incoming, Will, now_ms
 from services.inbox import Inbox
-from services.common import parse_topic_message, run_main
+from services.common import parse_topic_message, run_main, service_bus
 from services.metrics import ServiceMetrics
 from services.topics import load_topics, validate_id
 
@@ -155,17 +155,13 @@ class SparkplugBridge:
         self._session = _Session(connection=0, bdseq=-1)
         self._born_in: int | None = None  # connection whose NBIRTH was published
 
-        self.bus = Bus(
-            topics=self.topics,
-            broker=config.broker,
-            line=self.line,
+        self.bus = service_bus(
+            config,
+            self.topics,
             service="sparkplug",
             instance=config.id,
             status_topic=None,
             will=self._next_will,
-            mqtt_version=config.mqtt_version,
-            keepalive_s=config.keepalive_s,
-            **cfg.bus_connection(config),
         )
         self.counters = self.bus.counters
         self.metrics = ServiceMetrics(self.bus, queue=self.inbox)
