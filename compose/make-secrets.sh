@@ -4,8 +4,8 @@
 #                             containers through SDRM_PASSWORD_FILE
 #   mosquitto/passwd          the hashed password file of the broker
 #   mosquitto/certs/          a broker certificate from a private CA (ca.crt, server.crt,
-#                             server.key), only when server.crt does not exist yet; the CA's
-#                             key goes to secrets/ca.key, which is not mounted into the broker
+#                             server.key), only when server.crt does not exist yet. The CA's
+#                             key goes to secrets/ca.key, which is not mounted into the broker.
 # Existing password files are kept, so running the script again only adds new users; --force
 # replaces the passwords of the given users. Usage:
 #   compose/make-secrets.sh [--force] [USER ...]
