@@ -76,7 +76,19 @@ def amqtt_available() -> bool:
 
 
 def mosquitto_config(port: int, persistence_dir: Path | None = None, max_packet_bytes: int = MAX_PACKET_BYTES) -> str:
-    """Return a mosquitto.conf for Mosquitto 2 listening on 127.0.0.1:port without authentication."""
+    """Return a mosquitto.conf for Mosquitto 2 listening on 127.0.0.1:port without authentication.
+
+    With persistence_dir, the broker saves retained messages, persistent sessions and their queued
+    QoS 1 and 2 messages there when it stops, and loads them when it starts again.
+    """
+    if persistence_dir is None:
+        persistence = ["persistence false"]
+    else:
+        persistence = ["persistence true", f"persistence_location {persistence_dir.resolve()}/"]
+        if os.geteuid() == 0:
+            # Started as root, Mosquitto switches to the user "mosquitto", which cannot write a
+            # folder that root made under a private temporary folder.
+            persistence.append("user root")
     lines = [
         f"listener {port} 127.0.0.1",
         "allow_anonymous true",
@@ -86,7 +98,7 @@ def mosquitto_config(port: int, persistence_dir: Path | None = None, max_packet_
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         "# QoS 1 and 2 messages in flight to one client at a time, in messages.",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
-        "persistence false",
+        *persistence,
         "log_type error",
         "log_type warning",
     ]
@@ -94,12 +106,23 @@ def mosquitto_config(port: int, persistence_dir: Path | None = None, max_packet_
 
 
 class LocalBroker:
-    """A broker subprocess on 127.0.0.1: start(), url, stop()."""
+    """A broker subprocess on 127.0.0.1: start(), url, stop().
 
-    def __init__(self, port: int | None = None, prefer: str = "mosquitto", max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+    persistence_dir (Mosquitto only) keeps retained messages and persistent sessions across a
+    stop and a start of a new LocalBroker on the same folder, as a production broker does.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        prefer: str = "mosquitto",
+        max_packet_bytes: int = MAX_PACKET_BYTES,
+        persistence_dir: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.prefer = prefer
         self.max_packet_bytes = max_packet_bytes
+        self.persistence_dir = persistence_dir
         self.kind: str | None = None
         self.process: subprocess.Popen | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="sdrm-broker-")
@@ -122,7 +145,9 @@ class LocalBroker:
         mosquitto = find_mosquitto()
         if mosquitto and self.prefer != "amqtt":
             config = Path(self._tmp.name) / "mosquitto.conf"
-            config.write_text(mosquitto_config(self.port, max_packet_bytes=self.max_packet_bytes))
+            if self.persistence_dir is not None:
+                self.persistence_dir.mkdir(parents=True, exist_ok=True)
+            config.write_text(mosquitto_config(self.port, self.persistence_dir, self.max_packet_bytes))
             command = [mosquitto, "-c", str(config)]
             self.kind = "mosquitto"
         elif amqtt_available():
