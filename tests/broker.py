@@ -103,8 +103,8 @@ class Probe:
     """A Bus without status that collects messages of the named topics, for assertions."""
 
     def __init__(self, broker_url: str, line: str, names: list[str], session_expiry_s: int = 0, **ids: str) -> None:
-        # session_expiry_s > 0 makes the probe a subscriber with a persistent session, as SCADA
-        # should be: the broker queues the QoS 1 messages published while it reconnects.
+        # With session_expiry_s > 0 the probe keeps a persistent session, as SCADA should. The broker
+        # then queues the QoS 1 messages published while the probe reconnects.
         self.bus = Bus(
             topics=load_topics(), broker=broker_url, line=line, service="probe", instance=f"probe-{time.time_ns()}",
             status_topic=None, session_expiry_s=session_expiry_s,

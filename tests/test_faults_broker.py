@@ -51,6 +51,17 @@ def cam_verdicts(probe: Probe, after_frame: int = -1) -> list:
     return [v for v in probe.verdicts() if v.camera == "cam1" and v.frame > after_frame]
 
 
+def stop_all(feeder: FrameFeeder | None, services: Services, probe: Probe | None, broker: LocalBroker | None) -> None:
+    """Stop the feeder, the services, the probe and the broker, skipping those not started."""
+    if feeder is not None:
+        feeder.stop()
+    services.stop_all()
+    if probe is not None:
+        probe.close()
+    if broker is not None:
+        broker.stop()
+
+
 def test_broker_late_start_and_restart(model_dir, tmp_path):
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
@@ -102,21 +113,15 @@ def test_broker_late_start_and_restart(model_dir, tmp_path):
             assert services.alive(name), f"{name} exited during the broker restart\n{services.log(name)[-2000:]}"
         print(f"broker down {restarted - stopped:.1f} s; first verdict {resume_s:.2f} s after the restart")
     finally:
-        if feeder is not None:
-            feeder.stop()
-        services.stop_all()
-        if probe is not None:
-            probe.close()
-        if broker is not None:
-            broker.stop()
+        stop_all(feeder, services, probe, broker)
 
 
-def test_broker_restart_accounts_for_every_frame(model_dir, tmp_path):
+def test_persistent_restart_accounts_frames(model_dir, tmp_path):
     """Across a restart of a persistent broker, every frame gets a verdict or a frames_lost report.
 
-    The verdict subscriber keeps a persistent session, as docs/integrators.md tells SCADA to. A
+    The verdict subscriber keeps a persistent session, as docs/integrators.md recommends for SCADA. A
     subscriber without one misses the verdicts that the aggregator sends in the seconds between
-    its own reconnect and the subscriber's, because a restarted broker knows no subscription yet.
+    its own reconnect and the subscriber's, because a restarted broker has no subscription for it yet.
     """
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
@@ -135,14 +140,14 @@ def test_broker_restart_accounts_for_every_frame(model_dir, tmp_path):
         broker.stop()
         time.sleep(3.0)
         broker = LocalBroker(port=port, persistence_dir=state).start()
-        restarted_at = len(feeder.sent)
+        restart_frame = len(feeder.sent)
         last_before = max(v.frame for v in cam_verdicts(probe))
         resumed = probe.wait_for(lambda: cam_verdicts(probe, last_before), 10.0)
         assert resumed, f"no verdict within 10 s of the broker restart\n{services.log('aggregator')[-3000:]}"
 
         # Lost frames are found from gaps in the frame numbers, so frames sent after the restart
         # must reach the aggregator before the feeder stops.
-        assert probe.wait_for(lambda: len(cam_verdicts(probe, restarted_at + 3)) > 0, 30.0), (
+        assert probe.wait_for(lambda: len(cam_verdicts(probe, restart_frame + 3)) > 0, 30.0), (
             f"no verdicts for frames after the restart\n{services.log('aggregator')[-3000:]}"
         )
 
@@ -163,9 +168,4 @@ def test_broker_restart_accounts_for_every_frame(model_dir, tmp_path):
         statuses = sorted({v.status for v in verdicts if v.camera == "cam1" and v.frame in sent})
         print(f"{len(sent)} frames, {len(missing)} without verdict, {len(lost)} reported lost, statuses {statuses}")
     finally:
-        if feeder is not None:
-            feeder.stop()
-        services.stop_all()
-        if probe is not None:
-            probe.close()
-        broker.stop()
+        stop_all(feeder, services, probe, broker)
